@@ -1,0 +1,5 @@
+import sys
+
+from edgemed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,19 @@
+"""Where the shipped recipes/ and targets/ folders are: the source checkout, or a wheel's share/."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shipped_dir(kind: str) -> Path:
+    """`kind` is 'recipes' or 'targets'."""
+    for cand in (_ROOT / kind, Path(sys.prefix) / "share" / "edgemed" / kind):
+        if cand.is_dir():
+            return cand
+    return _ROOT / kind
+
+
+def shipped_names(kind: str) -> list[str]:
+    return sorted(p.stem for p in shipped_dir(kind).glob("*.yaml"))

@@ -1,0 +1,1 @@
+"""Benchmarking: latency, energy and accuracy measurements that feed report.json."""

@@ -1,0 +1,177 @@
+"""The `edgemed` command: a thin layer over the Python API (edgemed.pipeline, plan, artifact)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgemed.errors import EdgemedError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compress medical multimodal LLMs into verified edge artifacts (ONNX) and check them.")
+console = Console()
+err = Console(stderr=True)
+
+
+def _progress():
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                    transient=False)
+
+
+@app.command()
+def compress(
+    model: Optional[str] = typer.Argument(None, help="Hub id, model folder or .gguf file; omitted: the bundled demo model."),
+    recipe: List[str] = typer.Option(None, "--recipe", "-r", help="Recipe name or YAML file; repeat to compose (steps run in order). Default: int8."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name or YAML file. Default: this host's CPU target."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact folder to create. Default: ./edgemed-out/<model>-<recipe>."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle (.bin) checkpoints; they can run code when loaded."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own Python code."),
+):
+    """Compress MODEL with the recipe(s) for the target into an artifact folder with manifest.json."""
+    from edgemed.pipeline import compress as run
+
+    recipes = recipe or ["int8"]
+    if output is None:
+        stem = Path(model).name if model else "edgemed-demo-tiny"
+        output = Path("edgemed-out") / f"{stem}-{'+'.join(Path(r).stem for r in recipes)}"
+        output.parent.mkdir(parents=True, exist_ok=True)
+    with _progress() as prog:
+        task = prog.add_task("start", total=None)
+        result = run(model, recipes, target, output, overwrite=overwrite, allow_pickle=allow_pickle,
+                     trust_remote_code=trust_remote_code, progress=lambda m: prog.update(task, description=m))
+        prog.update(task, description="done")
+    _print_artifact(result.manifest, output)
+
+
+def _print_artifact(m: dict, output: Path) -> None:
+    t = Table(title=f"{output}  ({m['recipe']['name']} for {m['target']['name']}, status {m['status']})")
+    for col in ("file", "component", "precision", "MB"):
+        t.add_column(col, justify="right" if col == "MB" else "left")
+    for f in m["files"]:
+        if f["component"] != "support":
+            t.add_row(f["path"], f["component"], str(f["precision"]), f"{f['bytes'] / 1e6:.2f}")
+    params = m["model"]["component_params"]
+    parent_mb = sum(params.values()) * 4 / 1e6
+    total = sum(f["bytes"] for f in m["files"]) / 1e6
+    t.add_row("[b]total[/b]", "", "", f"{total:.2f}")
+    t.add_row("parent fp32 weights", "", "fp32", f"{parent_mb:.2f}")
+    console.print(t)
+    p = m.get("parity") or {}
+    if p:
+        line = (f"parity vs PyTorch parent over {p['prefill']['positions']} positions: "
+                f"KLD mean {p['kld_mean']:.3g}, p99 {p['kld_p99']:.3g}, top-1 agreement {p['top1_agreement']:.3f}, "
+                f"max |dlogits| {p['logits_max_abs_diff']:.3g}")
+        if "vision_cosine_min" in p:
+            line += f", vision cosine min {p['vision_cosine_min']:.5f}"
+        console.print(line)
+
+
+@app.command()
+def plan(
+    model: Optional[str] = typer.Argument(None, help="Hub id or folder (config.json alone is enough); omitted: the demo model."),
+    recipe: List[str] = typer.Option(None, "--recipe", "-r", help="Recipe name or YAML file (repeatable)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name or YAML file."),
+    context: int = typer.Option(2048, help="Context length (tokens) for the KV-cache estimate."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Check recipe x target x model before any heavy work: sizes, memory, decode ceiling."""
+    from edgemed.demo import resolve_model
+    from edgemed.pipeline import resolve
+    from edgemed.plan import check_feasible, plan as make_plan
+
+    r, tgt = resolve(recipe or ["int8"], target)
+    p = make_plan(resolve_model(model), r, tgt, context_tokens=context)
+    if json_out:
+        console.print_json(json.dumps(p.to_dict()))
+    else:
+        t = Table(title=f"plan: {p.to_dict().get('model')} with {r.name} on {tgt.name}")
+        rows = p.table_rows()
+        for col in ("component", "params (M)", "precision", "MB"):
+            t.add_column(col)
+        for row in rows:
+            t.add_row(*[str(x) for x in row])
+        console.print(t)
+        d = p.to_dict()
+        for k in ("artifact_mb", "kv_cache_mb", "runtime_memory_mb", "usable_memory_mb", "bytes_per_token_mb",
+                  "decode_ceiling_tok_s"):
+            if k in d:
+                console.print(f"{k}: {d[k]}")
+    check_feasible(p)
+    console.print("[green]feasible[/green]")
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="An artifact folder written by `edgemed compress`."),
+    verify: bool = typer.Option(False, "--verify", help="Recompute every file's sha256; exit 2 on any change."),
+):
+    """Show an artifact's manifest summary; with --verify, check every file against it."""
+    from edgemed.artifact import read_manifest, verify_or_raise
+
+    m = read_manifest(artifact)
+    _print_artifact(m, artifact)
+    if verify:
+        verify_or_raise(artifact)
+        console.print(f"[green]verified[/green]: {len(m['files'])} files match manifest.json")
+
+
+@app.command()
+def recipes(show: Optional[str] = typer.Option(None, "--show", help="Print this recipe's resolved YAML (every default filled in).")):
+    """List the shipped recipes, one line each."""
+    from edgemed._resources import shipped_names
+    from edgemed.recipe import load_recipe
+
+    if show:
+        typer.echo(load_recipe(show).to_yaml().rstrip())
+        return
+    for name in shipped_names("recipes"):
+        r = load_recipe(name)
+        fmt = r.format or "transform"
+        first = " ".join(r.description.split()).split(". ")[0].rstrip(".")
+        typer.echo(f"{name:<16} {fmt:<9} {first}")
+
+
+@app.command()
+def targets():
+    """List the shipped targets, one line each."""
+    from edgemed._resources import shipped_names
+    from edgemed.target import load_target
+
+    for name in shipped_names("targets"):
+        t = load_target(name)
+        acc = t.accelerator.compute_capability or t.accelerator.name if t.accelerator else "cpu"
+        typer.echo(f"{name:<22} {t.memory_gb:>5g} GB  {t.memory_bandwidth_gb_s:>6g} GB/s  {acc:<8} "
+                   f"{','.join(t.formats)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps edgemed's errors to the exit codes of DESIGN.md."""
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except EdgemedError as e:
+        err.print(f"[red]error[/red] {e}", markup=True, highlight=False)
+        return e.exit_code
+    except (typer.Exit, SystemExit) as e:
+        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

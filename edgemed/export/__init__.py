@@ -1,0 +1,1 @@
+"""Exporters: PyTorch composite model -> target format files (onnx, gguf, tensorrt)."""

@@ -1,0 +1,170 @@
+"""Load a model (hub id, local folder, or a .gguf file) as a CompositeModel with named parts."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgemed.errors import BadInputError
+from edgemed.models import families as _families  # noqa: F401  (registers the shipped families)
+from edgemed.models.base import FAMILIES, MODEL_TYPES, Adapter, ImageFacts, TextFacts, count_params, text_facts
+
+__all__ = [
+    "CompositeModel", "FAMILIES", "ImageFacts", "TextFacts", "load_model", "load_config",
+    "adapter_for", "component_param_counts",
+]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class CompositeModel:
+    """A loaded VLM or LLM: the PyTorch module, its named components and the facts exporters need."""
+
+    source: str
+    family: str
+    adapter: type[Adapter]
+    config: Any
+    model: Any  # transformers PreTrainedModel (eval mode, fp32)
+    tokenizer: Any
+    processor: Any | None
+    image: ImageFacts | None
+    text: TextFacts
+    source_files: list[Path] = field(default_factory=list)
+    chat_template: str | None = None
+
+    @property
+    def multimodal(self) -> bool:
+        return self.image is not None
+
+    def components(self) -> dict:
+        return self.adapter.components(self.model)
+
+    def component_params(self) -> dict[str, int]:
+        return _component_counts(self.adapter, self.model)
+
+    def image_features(self, pixel_values):
+        return self.adapter.image_features(self.model, pixel_values)
+
+    def build_prompt(self, prompt: str, with_image: bool) -> str:
+        """The chat-formatted prompt with the image placeholder expanded, exactly as the runtime
+        builds it (edgemed.runtime.prompt) so parity compares the same token ids."""
+        from edgemed.runtime.prompt import render_prompt
+
+        return render_prompt(self.chat_template, prompt, self.image.to_dict() if (with_image and self.image) else None,
+                             bos_token=self.text.bos_token)
+
+
+def adapter_for(config, what: str) -> type[Adapter]:
+    mt = getattr(config, "model_type", None)
+    if mt not in MODEL_TYPES:
+        raise BadInputError(
+            what,
+            f"unknown architecture (model_type '{mt}')",
+            f"edgemed supports model_type {', '.join(sorted(MODEL_TYPES))}; convert the model or add an adapter "
+            "in edgemed/models/families.py",
+        )
+    return MODEL_TYPES[mt]
+
+
+def _split_gguf(source: str) -> tuple[str, str | None]:
+    p = Path(source)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise BadInputError(source, "GGUF file not found", "check the path")
+        return str(p.parent), p.name
+    return source, None
+
+
+def load_config(source: str, trust_remote_code: bool = False):
+    """The model's config (from a folder holding only config.json, a hub id, or a GGUF file)."""
+    from transformers import AutoConfig
+
+    base, gguf_file = _split_gguf(source)
+    p = Path(base)
+    if p.exists() and p.is_dir() and gguf_file is None and not (p / "config.json").exists():
+        raise BadInputError(source, "folder has no config.json", "point at a Hugging Face model folder or hub id")
+    if not p.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise BadInputError(source, "no such folder", "check the path, or give a hub id like org/name")
+    try:
+        return AutoConfig.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise BadInputError(source, f"could not read the model config ({_short(e)})",
+                            "check the model id or folder (no download is possible offline)") from None
+
+
+def component_param_counts(config) -> dict[str, int]:
+    """Exact parameter counts per component from a config alone (the model is built on the meta
+    device: no weights, no memory)."""
+    import torch
+
+    adapter = adapter_for(config, f"model_type '{getattr(config, 'model_type', None)}'")
+    cls = adapter.model_class()
+    with torch.device("meta"):
+        model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    return _component_counts(adapter, model)
+
+
+def _component_counts(adapter, model) -> dict[str, int]:
+    comps = adapter.components(model)
+    counts = {k: count_params(v) for k, v in comps.items() if k != "language"}
+    # 'language' means the decoder blocks and final norm, without the embedding table.
+    counts["language"] = count_params(comps["language"]) - counts.get("embed", 0)
+    return counts
+
+
+def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> CompositeModel:
+    """Load for export/compression: fp32, eval mode, safetensors only unless allow_pickle."""
+    import torch
+    from transformers import AutoProcessor, AutoTokenizer
+
+    base, gguf_file = _split_gguf(source)
+    config = load_config(source, trust_remote_code)
+    adapter = adapter_for(config, source)
+    files: list[Path] = []
+    p = Path(base)
+    if p.is_dir():
+        if gguf_file:
+            files = [p / gguf_file]
+        else:
+            files = sorted(f for f in p.iterdir() if f.is_file())
+            weights = [f for f in files if f.suffix == ".safetensors"]
+            pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
+            if not weights and not pickles:
+                raise BadInputError(source, "the folder holds a config but no weights",
+                                    "`edgemed plan` works from a config alone; `compress` needs the model's *.safetensors")
+            if not weights and not allow_pickle:
+                raise BadInputError(source, f"weights are pickle files ({pickles[0].name}), which can run code when loaded",
+                                    "convert them to safetensors, or pass --allow-pickle if you trust the source")
+    kwargs: dict[str, Any] = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    else:
+        kwargs["use_safetensors"] = None if allow_pickle else True
+    try:
+        model = adapter.model_class().from_pretrained(base, **kwargs).eval()
+        tokenizer = AutoTokenizer.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BadInputError(source, f"could not load the model ({_short(e)})",
+                            "check that the folder holds config, safetensors weights and tokenizer files") from None
+    processor = None
+    if adapter.multimodal:
+        try:
+            processor = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError, ImportError):
+            processor = None
+    image = adapter.image_facts(config, tokenizer, processor) if adapter.multimodal else None
+    template = getattr(tokenizer, "chat_template", None)
+    if processor is not None and getattr(processor, "chat_template", None):
+        template = template or processor.chat_template
+    return CompositeModel(
+        source=source, family=adapter.family, adapter=adapter, config=config, model=model,
+        tokenizer=tokenizer, processor=processor, image=image, text=text_facts(adapter, config, tokenizer),
+        source_files=files, chat_template=template if isinstance(template, str) else None,
+    )
+
+
+def _short(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__

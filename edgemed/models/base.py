@@ -1,0 +1,156 @@
+"""Composite models: a loaded VLM (or LLM) as named components plus the facts exporters need.
+
+Family knowledge (where the vision tower lives, how image features are computed, how the
+image placeholder expands in a prompt) lives in one adapter per family (`edgemed/models/*.py`),
+found by the Hugging Face `model_type`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from edgemed.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+FAMILIES: Registry[type["Adapter"]] = Registry("model family")
+MODEL_TYPES: dict[str, type["Adapter"]] = {}
+
+
+@dataclass
+class ImageFacts:
+    """Everything the torch-free runtime needs to turn an image into pixel_values and a prompt."""
+
+    image_size: int  # square side fed to the vision encoder
+    patch_size: int
+    image_mean: list[float]
+    image_std: list[float]
+    resample: str  # PIL resample name: bicubic | bilinear
+    resize_mode: str  # "squash" (resize to size x size) | "shortest_edge_center_crop"
+    rescale_factor: float
+    num_image_tokens: int  # feature vectors per image after the projector
+    image_token: str  # the placeholder token repeated num_image_tokens times
+    image_token_id: int
+    prefix: str = ""  # text before the repeated placeholder (e.g. <fake_token_around_image><global-img>)
+    suffix: str = ""  # text after it
+    placeholder: str = "<image>"  # what a user prompt writes where the image goes
+    shortest_edge: int | None = None  # for shortest_edge_center_crop
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TextFacts:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    bos_token: str | None = None
+    max_position_embeddings: int = 2048
+    decoder_model_type: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Adapter:
+    """One model family. Subclasses set `family`, `model_types` and override what differs."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    multimodal: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "family" in cls.__dict__:
+            FAMILIES.register(cls.family)(cls)
+            for mt in cls.model_types:
+                MODEL_TYPES[mt] = cls
+
+    # --- loading -----------------------------------------------------------------
+    @classmethod
+    def model_class(cls):
+        raise NotImplementedError
+
+    # --- components --------------------------------------------------------------
+    @classmethod
+    def text_config(cls, config):
+        return getattr(config, "text_config", config)
+
+    @classmethod
+    def components(cls, model: "nn.Module") -> dict[str, "nn.Module"]:
+        """Named parts: vision, projector, embed, language (decoder blocks + final norm), lm_head."""
+        raise NotImplementedError
+
+    @classmethod
+    def language_model(cls, model: "nn.Module") -> "nn.Module":
+        """The base decoder (takes inputs_embeds, returns last_hidden_state and the cache)."""
+        raise NotImplementedError
+
+    @classmethod
+    def lm_head(cls, model: "nn.Module") -> "nn.Module":
+        return model.lm_head
+
+    @classmethod
+    def embed_tokens(cls, model: "nn.Module") -> "nn.Module":
+        return model.get_input_embeddings()
+
+    # Families whose decoder attends bidirectionally within an image block (Gemma 3) take a
+    # `token_type_ids` input (1 = image token) in the exported decoder.
+    decoder_token_type_ids: ClassVar[bool] = False
+
+    @classmethod
+    def decoder_attention_mask(cls, lm, inputs_embeds, attention_mask, position_ids, cache, token_type_ids=None):
+        """What the decoder receives as attention_mask (a 2-D padding mask, or per-layer-type masks)."""
+        return attention_mask
+
+    @classmethod
+    def image_features(cls, model: "nn.Module", pixel_values: "torch.Tensor") -> "torch.Tensor":
+        """pixel_values [N, 3, H, W] -> projected features [N, num_image_tokens, text_hidden]."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_facts(cls, config, tokenizer, processor) -> ImageFacts | None:
+        return None
+
+
+def text_facts(adapter: type[Adapter], config, tokenizer=None) -> TextFacts:
+    tc = adapter.text_config(config)
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    eos = getattr(tc, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    gen_eos = []
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        gen_eos.append(tokenizer.eos_token_id)
+    eos_list = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), *gen_eos})
+    return TextFacts(
+        num_layers=tc.num_hidden_layers,
+        num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        hidden_size=tc.hidden_size,
+        vocab_size=tc.vocab_size,
+        eos_token_ids=eos_list,
+        pad_token_id=getattr(tc, "pad_token_id", None),
+        bos_token=getattr(tokenizer, "bos_token", None) if tokenizer is not None else None,
+        max_position_embeddings=getattr(tc, "max_position_embeddings", 2048),
+        decoder_model_type=tc.model_type,
+    )
+
+
+def count_params(module: "nn.Module | None") -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters())
+
+
+def _first_dir(path: Path) -> Path:
+    return path if path.is_dir() else path.parent

@@ -1,0 +1,131 @@
+"""Parity: every exported artifact against its PyTorch parent, on the same pixels and tokens, at
+every position (a first-token-only check misses real bugs). Numbers go into the manifest."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgemed.models import CompositeModel
+
+PARITY_PROMPTS = (
+    "Is there a pleural effusion on this chest radiograph?",
+    "Describe the findings in the left lower lobe.",
+)
+
+
+def synthetic_test_image(size: int = 96, seed: int = 0) -> "Image.Image":  # noqa: F821
+    """A deterministic radiograph-like picture (dark field, bright ellipses, noise) for parity."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = 40 + 60 * np.exp(-((xx - 0.3) ** 2 / 0.02 + (yy - 0.5) ** 2 / 0.08))
+    img += 60 * np.exp(-((xx - 0.7) ** 2 / 0.02 + (yy - 0.5) ** 2 / 0.08))
+    img += 20 * np.sin(yy * 40) + rng.normal(0, 6, img.shape)
+    gray = np.clip(img, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.stack([gray] * 3, -1))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare_logits(parent: np.ndarray, child: np.ndarray) -> dict[str, float]:
+    """KLD(parent || child) per position, top-1 agreement and max |diff| over all positions."""
+    lp, lc = log_softmax(parent), log_softmax(child)
+    kld = (np.exp(lp) * (lp - lc)).sum(-1)
+    return {
+        "positions": int(parent.shape[0]),
+        "logits_max_abs_diff": float(np.abs(parent - child).max()),
+        "kld_mean": float(kld.mean()),
+        "kld_p99": float(np.percentile(kld, 99)),
+        "kld_max": float(kld.max()),
+        "top1_agreement": float((parent.argmax(-1) == child.argmax(-1)).mean()),
+    }
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def parent_logits(cm: CompositeModel, ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
+    """The parent's own forward pass through transformers (not edgemed's decomposition)."""
+    import torch
+
+    kw: dict[str, Any] = {"input_ids": torch.from_numpy(ids)[None]}
+    if pixel_values is not None:
+        pv = torch.from_numpy(pixel_values)
+        if cm.family == "idefics3":
+            pv = pv[:, None]  # [batch, images, 3, H, W]
+        kw["pixel_values"] = pv
+        if cm.family == "gemma3":
+            kw["token_type_ids"] = (kw["input_ids"] == cm.image.image_token_id).long()
+    with torch.no_grad():
+        return cm.model(**kw).logits[0].float().numpy()
+
+
+def parent_image_features(cm: CompositeModel, pixel_values: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return cm.image_features(torch.from_numpy(pixel_values)).float().numpy()
+
+
+def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS) -> dict[str, Any]:
+    """Compare an artifact session (edgemed.runtime) with its parent on every prompt and position,
+    through the prefill path and through the KV-cache decode path."""
+    result: dict[str, Any] = {"prompts": len(prompts)}
+    pv = None
+    if cm.multimodal:
+        pv = session.pixel_values(synthetic_test_image())
+        ref_feats, got_feats = parent_image_features(cm, pv), session.encode_image(pv)
+        cos = cosine_rows(ref_feats, got_feats)
+        result["vision_cosine_min"] = float(cos.min())
+        result["vision_cosine_mean"] = float(cos.mean())
+        result["vision_max_abs_diff"] = float(np.abs(ref_feats - got_feats).max())
+    prefill, decode, greedy = [], [], []
+    for i, prompt in enumerate(prompts):
+        with_image = pv is not None and i % 2 == 0
+        ids = session.prompt_ids(prompt, with_image)
+        ref = parent_logits(cm, ids, pv if with_image else None)
+        got = session.logits(ids, pv if with_image else None)
+        got_dec = session.logits(ids, pv if with_image else None, decode_from=max(1, len(ids) // 2))
+        prefill.append((ref, got))
+        decode.append((ref, got_dec))
+        greedy.append(float((ref.argmax(-1) == got_dec.argmax(-1)).all()))
+    cat = lambda pairs, k: np.concatenate([p[k] for p in pairs])  # noqa: E731
+    result["prefill"] = compare_logits(cat(prefill, 0), cat(prefill, 1))
+    result["decode"] = compare_logits(cat(decode, 0), cat(decode, 1))
+    result["greedy_sequences_identical"] = float(np.mean(greedy))
+    # Headline numbers (the worse of the two paths), named as report.json names fidelity.
+    for k in ("kld_mean", "kld_p99", "logits_max_abs_diff"):
+        result[k] = max(result["prefill"][k], result["decode"][k])
+    result["top1_agreement"] = min(result["prefill"]["top1_agreement"], result["decode"]["top1_agreement"])
+    return result
+
+
+GATE_METRICS = {
+    "max_kld_mean": ("kld_mean", "<="),
+    "max_kld_p99": ("kld_p99", "<="),
+    "min_top1_agreement": ("top1_agreement", ">="),
+    "max_logits_abs_diff": ("logits_max_abs_diff", "<="),
+}
+
+
+def evaluate_gates(gates: dict[str, float], metrics: dict[str, Any]) -> list[str]:
+    """Failures as readable strings; gates whose metric was not measured fail too (never pass
+    silently)."""
+    failures = []
+    for gate, threshold in gates.items():
+        key, op = GATE_METRICS.get(gate, (None, None))
+        value = metrics.get(key) if key else None
+        if value is None:
+            failures.append(f"{gate}: metric not measured for this artifact")
+        elif (op == "<=" and value > threshold) or (op == ">=" and value < threshold):
+            failures.append(f"{gate}: {key} = {value:.4g} (threshold {op} {threshold})")
+    return failures

@@ -1,0 +1,368 @@
+"""Plan: is this recipe x target x model feasible, and what will it cost? Decided from the
+model's config alone (parameter counts on the meta device), before any weights are loaded.
+
+    artifact bytes   = sum over components of params x effective bits per weight / 8
+    KV-cache bytes   = 2 (K and V) x layers x kv_heads x head_dim x context_tokens x bytes per element
+    run-time memory  = (weights + KV) x 1.10 + 300 MB
+    bytes per token  = language + lm_head weights + one embedding row + the whole KV cache at context
+    decode ceiling   = memory_bandwidth_gb_s x 1e9 / bytes per token   (the roofline, tok/s)
+
+Every number is an estimate of the artifact the shipped exporters write; `edgemed bench`
+measures the real ones (report.json `roofline.fraction` compares the two).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel
+
+from edgemed.errors import EdgemedError, InfeasiblePlanError
+from edgemed.recipe import COMPONENTS, PRECISION_BITS, Recipe
+from edgemed.target import Target
+
+# Activations, the runtime's arena and fragmentation grow with the model (largest matmul
+# outputs, the image tokens' prefill, logits over the vocabulary): 10% of weights + KV. The
+# fixed part is the process itself: the runtime library (ONNX Runtime or llama.cpp, and the
+# CUDA/TensorRT context on a GPU), tokenizer, Python and the image pipeline, ~300 MB in RSS.
+RUNTIME_OVERHEAD_FRACTION = 0.10
+RUNTIME_OVERHEAD_FIXED_BYTES = 300_000_000
+
+# Precisions each artifact format can hold. ONNX: what edgemed.steps.onnx_steps quantizes to.
+# GGUF: llama.cpp types, and the generic names that map onto them (GGUF_TYPE_FOR).
+# TensorRT: the builder's weight precisions.
+GGUF_TYPE_FOR = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+FORMAT_PRECISIONS: dict[str, set[str]] = {
+    "onnx": {"fp32", "fp16", "int8", "int4"},
+    "gguf": set(PRECISION_BITS) - {"fp8", "fp4"},
+    "tensorrt": {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"},
+}
+# onnx-quantize keeps the embedding table (a Gather, not a MatMul) in float.
+COMPONENT_FORMAT_PRECISIONS: dict[tuple[str, str], set[str]] = {("onnx", "embed"): {"fp32", "fp16"}}
+# Every target can run the fp32 reference on its CPU, listed or not.
+ALWAYS_RUNNABLE = {"fp32", "f32"}
+
+MB = 1e6
+GB = 1e9
+
+
+class ComponentEstimate(BaseModel):
+    params: int
+    precision: str
+    bits_per_weight: float  # effective: includes block scales and zero points
+    bytes: int  # stored in the artifact
+    read_per_token: bool  # streamed from memory for every decoded token
+    note: str = ""
+
+
+class Plan(BaseModel):
+    """The planner's verdict for one model x recipe x target (sizes in bytes; to_dict gives MB)."""
+
+    model: str
+    family: str
+    recipe: str
+    target: str
+    format: str | None
+    context_tokens: int
+    components: dict[str, ComponentEstimate]
+    artifact_bytes: int
+    kv_cache_bytes: int
+    kv_bytes_per_element: int
+    runtime_overhead_bytes: int
+    runtime_memory_bytes: int
+    usable_memory_bytes: int
+    bytes_per_token: int
+    memory_bandwidth_gb_s: float
+    decode_ceiling_tok_s: float
+    feasible: bool
+    reasons: list[str] = []
+    fixes: list[str] = []
+
+    @property
+    def total_params(self) -> int:
+        return sum(c.params for c in self.components.values())
+
+    def table_rows(self) -> list[tuple[str, str, str, str]]:
+        """Rows for a table with columns (component, params (M), precision, MB), then a total."""
+        rows = [(name, f"{c.params / 1e6:,.1f}", c.precision, f"{c.bytes / MB:,.1f}")
+                for name, c in self.components.items()]
+        rows.append(("total", f"{self.total_params / 1e6:,.1f}", "", f"{self.artifact_bytes / MB:,.1f}"))
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable; sizes in MB (1e6 bytes), key names as in report.json where they overlap."""
+        return {
+            "model": self.model,
+            "family": self.family,
+            "recipe": self.recipe,
+            "target": self.target,
+            "format": self.format,
+            "context_tokens": self.context_tokens,
+            "components": {
+                name: {"params": c.params, "precision": c.precision, "bits_per_weight": round(c.bits_per_weight, 4),
+                       "mb": round(c.bytes / MB, 1), "read_per_token": c.read_per_token,
+                       **({"note": c.note} if c.note else {})}
+                for name, c in self.components.items()
+            },
+            "total_params": self.total_params,
+            "artifact_mb": round(self.artifact_bytes / MB, 1),
+            "kv_cache_mb": round(self.kv_cache_bytes / MB, 1),
+            "kv_bytes_per_element": self.kv_bytes_per_element,
+            "runtime_overhead_mb": round(self.runtime_overhead_bytes / MB, 1),
+            "runtime_memory_mb": round(self.runtime_memory_bytes / MB, 1),
+            "usable_memory_mb": round(self.usable_memory_bytes / MB, 1),
+            "bytes_per_token_mb": round(self.bytes_per_token / MB, 1),
+            "decode_ceiling_tok_s": round(self.decode_ceiling_tok_s, 2),
+            "roofline": {"bandwidth_gb_s": self.memory_bandwidth_gb_s, "bytes_per_token": self.bytes_per_token,
+                         "decode_ceiling_tok_s": round(self.decode_ceiling_tok_s, 2)},
+            "feasible": self.feasible,
+            "reasons": list(self.reasons),
+            "fixes": list(self.fixes),
+        }
+
+
+# --- the public API ------------------------------------------------------------------------
+
+def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int = 2048) -> Plan:
+    """Estimate sizes, run-time memory and the decode ceiling, and list every reason the
+    combination cannot run. Reads config.json only: a folder holding just that is enough."""
+    from edgemed.models import adapter_for, load_config
+
+    config = load_config(model_source)
+    adapter = adapter_for(config, model_source)
+    config = _apply_step_config_hooks(recipe, config)
+    shape = _ModelShape.from_config(adapter, config)
+    p = _estimate(shape, recipe, target, context_tokens, model_source)
+    if not p.feasible:
+        p.fixes = _fixes(shape, recipe, target, context_tokens, p)
+    return p
+
+
+def check_feasible(plan: Plan) -> None:
+    """Raise InfeasiblePlanError naming every reason and how to fix it; return None if it runs."""
+    if plan.feasible:
+        return
+    lines = [f"plan: {plan.model} with recipe '{plan.recipe}' on target '{plan.target}' cannot run:"]
+    lines += [f"  - {r}" for r in plan.reasons]
+    lines += [f"  fix: {f}" for f in plan.fixes] or ["  fix: choose another --recipe or --target (see `edgemed targets`)"]
+    err = InfeasiblePlanError("\n".join(lines))
+    err.reasons, err.fixes = list(plan.reasons), list(plan.fixes)
+    raise err
+
+
+# --- sizes ---------------------------------------------------------------------------------
+
+class _ModelShape:
+    """What the estimate needs from a config: per-component parameter counts and a few sizes."""
+
+    _counts_cache: dict[str, dict[str, int]] = {}
+
+    def __init__(self, family: str, counts: dict[str, int], facts, vision_hidden: int | None, tied: bool):
+        self.family, self.counts, self.facts = family, counts, facts
+        self.vision_hidden, self.tied = vision_hidden, tied
+
+    @classmethod
+    def from_config(cls, adapter, config) -> "_ModelShape":
+        from edgemed.models import component_param_counts
+        from edgemed.models.base import text_facts
+
+        # Building the meta model takes a second or two for a 7B; `plan` is called repeatedly
+        # (hints, the CLI, compress), so cache by the config's full JSON.
+        key = config.to_json_string()
+        if key not in cls._counts_cache:
+            cls._counts_cache[key] = component_param_counts(config)
+        counts = cls._counts_cache[key]
+        vc = getattr(config, "vision_config", None)
+        tc = adapter.text_config(config)
+        tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+        return cls(adapter.family, counts, text_facts(adapter, config),
+                   getattr(vc, "hidden_size", None) if vc is not None else None, tied)
+
+
+def _apply_step_config_hooks(recipe: Recipe, config):
+    """A model-stage step that changes shapes (pruning, MoE) may define `plan_config(config) ->
+    config` so the plan counts the transformed model; steps without it leave the config as is."""
+    from edgemed.steps import STEPS
+
+    for s in recipe.steps:
+        cls = STEPS.get(s.step)
+        if hasattr(cls, "plan_config"):
+            config = s.build().plan_config(config)
+    return config
+
+
+def _int4_layout(recipe: Recipe, fmt: str | None) -> tuple[int, int, int]:
+    """(block size, scale bytes, zero-point bits) per int4 block.
+
+    ONNX (MatMulNBits): one fp32 scale per block of `block_size` weights along K, plus a 4-bit
+    zero point packed two per uint8 when asymmetric (measured with onnxruntime 1.32: block 32
+    asymmetric = 5.125 bits/weight, symmetric = 5.0). Block size and symmetry come from the
+    recipe's onnx-quantize args. TensorRT (ModelOpt INT4 AWQ): block 128, fp16 scale, no zero point.
+    """
+    if fmt == "tensorrt":
+        return 128, 2, 0
+    block, symmetric = 32, False
+    for s in recipe.steps:
+        int4 = s.args.get("int4") if isinstance(s.args, dict) else None
+        if isinstance(int4, dict):
+            block = int(int4.get("block_size", block))
+            symmetric = bool(int4.get("symmetric", symmetric))
+    return block, 4, 0 if symmetric else 4
+
+
+def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tuple[int, int, int]) -> float:
+    """Effective bits per weight, scales and zero points included.
+
+    - GGUF: the llama.cpp type's own bits (block scales are inside PRECISION_BITS: q8_0 = 8.5);
+      generic names map to the type llama.cpp would store (int8 -> q8_0, int4 -> q4_0).
+    - int4: 4 + (scale bytes x 8 + zero-point bits) / block size (see _int4_layout).
+    - int8: per output channel, an fp32 scale and an int8 zero point (ONNX Runtime
+      quantize_dynamic per_channel; TensorRT stores the scale only): 8 + 5 x 8 / in_features.
+      The number of output channels is taken as params / in_features, exact for embeddings and
+      lm_head and within a fraction of a percent elsewhere.
+    - fp4 (NVFP4): one fp8 scale per 16 weights: 4.5.
+    - fp32 / fp16 / bf16 / fp8: the plain width (fp8's per-tensor scale is negligible).
+    Norm weights and biases stay in float in every format; they are < 0.2% of a component
+    and are counted at the component's precision.
+    """
+    if fmt == "gguf":
+        return PRECISION_BITS[GGUF_TYPE_FOR.get(precision, precision)]
+    if precision == "int4":
+        block, scale_bytes, zp_bits = int4
+        return 4 + (scale_bytes * 8 + zp_bits) / block
+    if precision == "int8":
+        per_channel_bytes = 4 if fmt == "tensorrt" else 5
+        return 8 + per_channel_bytes * 8 / max(in_features, 1)
+    if precision == "fp4":
+        return 4.5
+    return PRECISION_BITS[precision]
+
+
+def _kv_bytes_per_element(fmt: str | None) -> int:
+    """ONNX: the exporter keeps graph inputs and outputs fp32 (float16 conversion uses
+    keep_io_types), so past_key_values are fp32 on every target. llama.cpp's default cache
+    type is f16; TensorRT engines keep an fp16 KV cache on the GPU."""
+    if fmt in ("gguf", "tensorrt"):
+        return 2
+    return 4
+
+
+def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens: int, source: str) -> Plan:
+    if context_tokens < 1:
+        raise InfeasiblePlanError(f"context_tokens must be >= 1, got {context_tokens}")
+    fmt = recipe.format
+    policy = recipe.policy
+    facts = shape.facts
+    int4 = _int4_layout(recipe, fmt)
+    order = [c for c in COMPONENTS if c in shape.counts] + [c for c in shape.counts if c not in COMPONENTS]
+
+    comps: dict[str, ComponentEstimate] = {}
+    for name in order:
+        params = shape.counts[name]
+        prec = getattr(policy, name, "fp32")  # a component the policy does not name (a router) stays fp32
+        in_features = shape.vision_hidden if (name == "vision" and shape.vision_hidden) else facts.hidden_size
+        bits = _bits_per_weight(prec, fmt, in_features, int4)
+        nbytes = math.ceil(params * bits / 8)
+        note = ""
+        if name == "lm_head" and shape.tied and fmt == "gguf":
+            # llama.cpp stores a tied output matrix once, as token_embd, and reads it per token.
+            nbytes, note = 0, "tied: stored once as the embedding table"
+        comps[name] = ComponentEstimate(params=params, precision=prec, bits_per_weight=bits, bytes=nbytes,
+                                        read_per_token=name in ("language", "lm_head"), note=note)
+
+    artifact = sum(c.bytes for c in comps.values())
+    kv_elem = _kv_bytes_per_element(fmt)
+    kv = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * context_tokens * kv_elem
+    overhead = math.ceil((artifact + kv) * RUNTIME_OVERHEAD_FRACTION) + RUNTIME_OVERHEAD_FIXED_BYTES
+    runtime = artifact + kv + overhead
+
+    # Per decoded token the decoder streams every language and lm_head weight once and reads the
+    # whole KV cache (the worst case, at the end of the context); one embedding row is looked up.
+    # The vision tower and projector run once per image, not per token.
+    embed_row = math.ceil(comps["embed"].bytes / max(facts.vocab_size, 1)) if "embed" in comps else 0
+    per_token = sum(c.bytes for c in comps.values() if c.read_per_token) + embed_row + kv
+    if "lm_head" in comps and comps["lm_head"].bytes == 0 and "embed" in comps:
+        per_token += comps["embed"].bytes
+    ceiling = target.memory_bandwidth_gb_s * GB / per_token
+
+    usable = int(target.usable_memory_gb * GB)
+    reasons = []
+    if fmt is not None and fmt not in target.formats:
+        reasons.append(f"format '{fmt}' does not run on {target.name} (it runs: {', '.join(target.formats)})")
+    for name, c in comps.items():
+        if c.params == 0:
+            continue
+        if c.precision not in target.precisions and c.precision not in ALWAYS_RUNNABLE:
+            reasons.append(f"{name} at {c.precision}: {target.name} does not support {c.precision}"
+                           f" (it runs: {', '.join(target.precisions)})")
+        allowed = COMPONENT_FORMAT_PRECISIONS.get((fmt, name), FORMAT_PRECISIONS.get(fmt)) if fmt else None
+        if allowed is not None and c.precision not in allowed:
+            reasons.append(f"{name} at {c.precision}: the {fmt} format cannot store {name} at {c.precision}"
+                           f" (use one of: {', '.join(sorted(allowed))})")
+    if runtime > usable:
+        reasons.append(
+            f"needs about {runtime / GB:.2f} GB at run time (weights {artifact / GB:.2f} GB + KV cache "
+            f"{kv / GB:.2f} GB at {context_tokens} tokens + overhead {overhead / GB:.2f} GB), but {target.name} "
+            f"leaves {target.usable_memory_gb:g} GB for a model"
+        )
+    return Plan(
+        model=source, family=shape.family, recipe=recipe.name, target=target.name, format=fmt,
+        context_tokens=context_tokens, components=comps, artifact_bytes=artifact, kv_cache_bytes=kv,
+        kv_bytes_per_element=kv_elem, runtime_overhead_bytes=overhead, runtime_memory_bytes=runtime,
+        usable_memory_bytes=usable, bytes_per_token=per_token, memory_bandwidth_gb_s=target.memory_bandwidth_gb_s,
+        decode_ceiling_tok_s=ceiling, feasible=not reasons, reasons=reasons,
+    )
+
+
+# --- fix hints: computed, never guessed -----------------------------------------------------
+
+def _shipped(kind: str) -> list:
+    """Every shipped recipe or target that loads; a broken file must not break a hint."""
+    from edgemed._resources import shipped_names
+    from edgemed.recipe import load_recipe
+    from edgemed.target import load_target
+
+    load = load_recipe if kind == "recipes" else load_target
+    out = []
+    for name in shipped_names(kind):
+        try:
+            out.append(load(name))
+        except (EdgemedError, ValueError, ImportError):
+            continue
+    return out
+
+
+def _fixes(shape: _ModelShape, recipe: Recipe, target: Target, context: int, p: Plan) -> list[str]:
+    fixes: list[str] = []
+    memory_only = all(r.startswith("needs about") for r in p.reasons)
+
+    # Other shipped recipes that would run on this target (same checks, same context).
+    fits = []
+    for r in _shipped("recipes"):
+        if r.name == recipe.name:
+            continue
+        alt = _estimate(shape, r, target, context, p.model)
+        if alt.feasible:
+            fits.append((alt.runtime_memory_bytes, f"--recipe {r.name} ({alt.runtime_memory_bytes / GB:.1f} GB)"))
+    if fits:
+        fixes.append(f"a recipe that fits {target.name}: " + ", ".join(s for _, s in sorted(fits)[:4]))
+
+    # A shorter context, if the weights fit and only the KV cache does not.
+    if memory_only:
+        kv_per_token = p.kv_cache_bytes / p.context_tokens
+        budget = (p.usable_memory_bytes - RUNTIME_OVERHEAD_FIXED_BYTES) / (1 + RUNTIME_OVERHEAD_FRACTION)
+        max_ctx = int((budget - p.artifact_bytes) // kv_per_token) if kv_per_token else 0
+        if max_ctx >= 256:
+            fixes.append(f"a context of at most {max_ctx} tokens (--context {max_ctx}; this plan assumed {context})")
+
+    # Bigger or more capable shipped targets for this recipe, smallest first.
+    targets = []
+    for t in _shipped("targets"):
+        if t.name == target.name:
+            continue
+        alt = _estimate(shape, recipe, t, context, p.model)
+        if alt.feasible:
+            targets.append((t.usable_memory_gb, t.name))
+    if targets:
+        fixes.append("a target that runs this recipe: " + ", ".join(n for _, n in sorted(targets)[:4]))
+    return fixes

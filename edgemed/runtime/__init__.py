@@ -1,0 +1,27 @@
+"""Run an artifact without torch: `edgemed.runtime.load(dir).generate(image, prompt)`.
+
+Importing this package must never import torch or transformers (checked by a test), so the
+runtime extra is all an on-device install needs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgemed.artifact import read_manifest
+from edgemed.errors import BadInputError
+
+
+def load(artifact_dir: str | Path, **kwargs):
+    """A session for the artifact's format, with `generate(image, prompt, max_new_tokens)`."""
+    path = Path(artifact_dir)
+    manifest = read_manifest(path)
+    fmt = manifest.get("format")
+    if fmt == "onnx":
+        from edgemed.runtime.onnx_session import OnnxSession
+
+        return OnnxSession(path, manifest, **kwargs)
+    raise BadInputError(str(path), f"artifact format '{fmt}' has no runtime in this edgemed version",
+                        "re-export with an ONNX recipe (int8, int4, fp16)")
+
+
+__all__ = ["load"]

@@ -1,0 +1,165 @@
+"""ONNX Runtime session over the three graphs of an ONNX artifact, with a KV cache."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemed.runtime.preprocess import preprocess
+from edgemed.runtime.prompt import render_prompt
+
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    # Seconds since the request started (preprocessing included), per output token.
+    token_times_s: list[float] = field(default_factory=list)
+    preprocess_s: float = 0.0
+    vision_encode_s: float = 0.0
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return self.token_times_s[0] * 1e3 if self.token_times_s else None
+
+    @property
+    def tpot_ms(self) -> float | None:
+        t = self.token_times_s
+        return (t[-1] - t[0]) / (len(t) - 1) * 1e3 if len(t) > 1 else None
+
+
+class OnnxSession:
+    def __init__(self, path: Path, manifest: dict[str, Any], providers: list[str] | None = None,
+                 intra_op_threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.path, self.manifest = path, manifest
+        model = manifest["model"]
+        self.text: dict[str, Any] = model["text"]
+        self.image: dict[str, Any] | None = model.get("image")
+        self.chat_template: str | None = model.get("chat_template")
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        opts = ort.SessionOptions()
+        if intra_op_threads:
+            opts.intra_op_num_threads = intra_op_threads
+        opts.log_severity_level = 3
+        providers = providers or ["CPUExecutionProvider"]
+
+        def sess(name):
+            return ort.InferenceSession(str(path / name), opts, providers=providers)
+
+        self.decoder = sess("decoder_model_merged.onnx")
+        self.embed = sess("embed_tokens.onnx")
+        self.vision = sess("vision_encoder.onnx") if (path / "vision_encoder.onnx").exists() else None
+        ins = {i.name: i for i in self.decoder.get_inputs()}
+        self._kv_dtype = _ORT_DTYPES[ins["past_key_values.0.key"].type]
+        self._emb_dtype = _ORT_DTYPES[ins["inputs_embeds"].type]
+        self._has_position_ids = "position_ids" in ins
+        self._has_token_type_ids = "token_type_ids" in ins
+        self.n_layers = self.text["num_layers"]
+        self.eos = set(self.text.get("eos_token_ids") or [])
+
+    # --- building blocks (also used by parity and the benchmark) ------------------------------
+    def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray:
+        text = render_prompt(self.chat_template, prompt, self.image if with_image else None,
+                             bos_token=self.text.get("bos_token"))
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def pixel_values(self, image) -> np.ndarray:
+        if self.image is None:
+            from edgemed.errors import BadInputError
+
+            raise BadInputError("image", "this artifact's model is text-only", "call generate() without an image")
+        return preprocess(image, self.image)
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.vision.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+
+    def input_embeds(self, ids: np.ndarray, image_features: np.ndarray | None) -> np.ndarray:
+        emb = self.embed.run(None, {"input_ids": ids[None]})[0]
+        if image_features is not None:
+            pos = np.flatnonzero(ids == self.image["image_token_id"])
+            feats = image_features.reshape(-1, image_features.shape[-1])
+            if len(pos) != len(feats):
+                raise ValueError(f"prompt has {len(pos)} image tokens but the encoder gave {len(feats)} features")
+            emb[0, pos] = feats
+        return emb.astype(self._emb_dtype)
+
+    def empty_past(self) -> dict[str, np.ndarray]:
+        shape = (1, self.text["num_kv_heads"], 0, self.text["head_dim"])
+        return {f"past_key_values.{i}.{kv}": np.zeros(shape, self._kv_dtype)
+                for i in range(self.n_layers) for kv in ("key", "value")}
+
+    def forward(self, embeds: np.ndarray, past: dict[str, np.ndarray],
+                ids: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run the decoder on new embeddings after `past`; returns logits [S, V] and the new past.
+        `ids` (the chunk's token ids) marks image tokens for decoders that need token_type_ids."""
+        past_len = past["past_key_values.0.key"].shape[2]
+        seq = embeds.shape[1]
+        feeds = dict(past)
+        feeds["inputs_embeds"] = embeds
+        feeds["attention_mask"] = np.ones((1, past_len + seq), np.int64)
+        if self._has_position_ids:
+            feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None]
+        if self._has_token_type_ids:
+            tti = np.zeros((1, seq), np.int64)
+            if ids is not None and self.image is not None:
+                tti[0] = ids == self.image["image_token_id"]
+            feeds["token_type_ids"] = tti
+        outs = self.decoder.run(None, feeds)
+        new_past = {f"past_key_values.{i}.{kv}": outs[1 + 2 * i + j]
+                    for i in range(self.n_layers) for j, kv in enumerate(("key", "value"))}
+        return outs[0][0], new_past
+
+    def logits(self, ids: np.ndarray, pixel_values: np.ndarray | None = None,
+               decode_from: int | None = None) -> np.ndarray:
+        """Teacher-forced logits at every position [S, V]. With decode_from=k, positions >= k are
+        computed one token at a time through the KV cache (exercises the decode path)."""
+        feats = self.encode_image(pixel_values) if pixel_values is not None else None
+        embeds = self.input_embeds(ids, feats)
+        if decode_from is None or decode_from >= len(ids):
+            return self.forward(embeds, self.empty_past(), ids)[0].astype(np.float32)
+        out, past = self.forward(embeds[:, :decode_from], self.empty_past(), ids[:decode_from])
+        rows = [out]
+        for t in range(decode_from, len(ids)):
+            step, past = self.forward(embeds[:, t:t + 1], past, ids[t:t + 1])
+            rows.append(step)
+        return np.concatenate(rows).astype(np.float32)
+
+    # --- the user-facing call --------------------------------------------------------------------
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True) -> GenerationResult:
+        """Greedy decoding. Times count from the call (preprocessing and vision encoding included)."""
+        t0 = time.perf_counter()
+        feats = None
+        pre_s = vis_s = 0.0
+        if image is not None:
+            pv = self.pixel_values(image)
+            t1 = time.perf_counter()
+            pre_s = t1 - t0
+            feats = self.encode_image(pv)
+            vis_s = time.perf_counter() - t1
+        ids = self.prompt_ids(prompt, image is not None)
+        logits, past = self.forward(self.input_embeds(ids, feats), self.empty_past(), ids)
+        out: list[int] = []
+        times: list[float] = []
+        nxt = int(np.argmax(logits[-1]))
+        for _ in range(max_new_tokens):
+            out.append(nxt)
+            times.append(time.perf_counter() - t0)
+            if stop_at_eos and nxt in self.eos:
+                break
+            if len(out) == max_new_tokens:
+                break
+            step, past = self.forward(self.input_embeds(np.asarray([nxt], np.int64), None), past)
+            nxt = int(np.argmax(step[-1]))
+        text_ids = [t for t in out if t not in self.eos]
+        return GenerationResult(text=self.tokenizer.decode(text_ids, skip_special_tokens=True), token_ids=out,
+                                prompt_tokens=len(ids), token_times_s=times, preprocess_s=pre_s,
+                                vision_encode_s=vis_s)

@@ -1,0 +1,5 @@
+"""Recipe steps. Importing this package registers every shipped step (no heavy imports here)."""
+from edgemed.steps.base import STEPS, Step, StepArgs
+from edgemed.steps import onnx_steps  # noqa: F401  (registers onnx-export, onnx-quantize)
+
+__all__ = ["STEPS", "Step", "StepArgs"]

@@ -1,0 +1,170 @@
+"""End to end: tiny models -> compress -> ONNX artifacts -> runtime, parity, verify."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from edgemed.artifact import read_manifest, verify
+
+LAYOUT = {"vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx", "tokenizer.json", "manifest.json"}
+
+
+def _ops(path):
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_fp32_export_matches_parent(artifact):
+    m = read_manifest(artifact("llava-siglip", "fp32"))
+    p = m["parity"]
+    assert p["prefill"]["positions"] > 50
+    assert p["logits_max_abs_diff"] < 1e-4
+    assert p["decode"]["logits_max_abs_diff"] < 1e-4
+    assert p["vision_cosine_min"] > 0.99999
+    assert p["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_quantized_artifact_layout_and_manifest(artifact, recipe):
+    out = artifact("llava-siglip", recipe)
+    assert LAYOUT <= {p.name for p in out.iterdir()}
+    m = read_manifest(out)
+    for key in ("schema_version", "created_utc", "edgemed_version", "source", "recipe", "target", "calibration",
+                "tools", "files", "results", "status"):
+        assert key in m
+    assert m["status"] == "ok"
+    assert m["recipe"]["steps"][1]["args"]["int4"]["block_size"] == 32  # resolved defaults
+    assert all(len(f["sha256"]) == 64 for f in m["files"])
+    assert {f["path"] for f in m["files"]} >= {"decoder_model_merged.onnx", "vision_encoder.onnx"}
+    dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    ins = [i.name for i in dec.graph.input]
+    assert ins[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert "past_key_values.1.value" in ins and "present.1.value" in [o.name for o in dec.graph.output]
+    ops = _ops(out / "decoder_model_merged.onnx")
+    if recipe == "int4":
+        assert "MatMulNBits" in ops and "MatMulInteger" in ops  # language int4, lm_head int8
+    else:
+        assert "MatMulInteger" in ops and "MatMulNBits" not in ops
+    assert "MatMulInteger" in _ops(out / "vision_encoder.onnx")  # vision stays >= 8 bit
+    assert m["parity"]["kld_mean"] < 0.05
+
+
+def test_int8_logits_close_to_transformers_independently(tiny_dir, artifact):
+    """Not edgemed's parity numbers: the HF processor and model vs raw onnxruntime sessions."""
+    import onnxruntime as ort
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    src, out = tiny_dir("llava-siglip"), artifact("llava-siglip", "int8")
+    proc = AutoProcessor.from_pretrained(src)
+    model = LlavaForConditionalGeneration.from_pretrained(src).eval()
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    enc = proc(text="<image>\nIs there a nodule in the right lung?", images=img, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**enc).logits[0].numpy()
+    ids = enc["input_ids"].numpy()
+    so = lambda f: ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"])  # noqa: E731
+    feats = so("vision_encoder.onnx").run(None, {"pixel_values": enc["pixel_values"].numpy()})[0]
+    emb = so("embed_tokens.onnx").run(None, {"input_ids": ids})[0]
+    mask = ids[0] == model.config.image_token_id
+    emb[0, mask] = feats.reshape(-1, feats.shape[-1])
+    dec = so("decoder_model_merged.onnx")
+    tc = model.config.text_config
+    feeds = {"inputs_embeds": emb, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    for i in range(tc.num_hidden_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, tc.num_key_value_heads, 0, tc.head_dim), np.float32)
+    got = dec.run(["logits"], feeds)[0][0]
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 0.05
+    lp = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+    lq = got - np.log(np.exp(got).sum(-1, keepdims=True))
+    assert (np.exp(lp) * (lp - lq)).sum(-1).mean() < 1e-3
+
+
+_NO_TORCH = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, _Block())
+import json, numpy as np, edgemed.runtime
+s = edgemed.runtime.load(sys.argv[1])
+img = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
+r = s.generate(image=img, prompt='Is there an effusion?', max_new_tokens=5, stop_at_eos=False)
+print(json.dumps({'n': len(r.token_ids), 'ttft': r.ttft_ms, 'torch': 'torch' in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("recipe", ["int8", "int4"])
+def test_runtime_runs_where_torch_cannot_be_imported(artifact, recipe):
+    out = artifact("llava-siglip", recipe)
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH, str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["n"] == 5 and got["ttft"] > 0 and not got["torch"]
+
+
+def test_runtime_import_is_torch_free():
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import edgemed.runtime, edgemed.runtime.onnx_session"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "transformers" not in imported
+
+
+def test_generate_is_greedy_and_matches_parity_tokens(artifact):
+    import edgemed.runtime
+
+    s = edgemed.runtime.load(artifact("llava-siglip", "int8"))
+    a = s.generate(prompt="Describe the heart.", max_new_tokens=6, stop_at_eos=False)
+    b = s.generate(prompt="Describe the heart.", max_new_tokens=6, stop_at_eos=False)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 6
+    # The KV-cache loop must agree with teacher-forced logits over the generated sequence.
+    ids = np.concatenate([s.prompt_ids("Describe the heart.", False), np.asarray(a.token_ids[:-1])])
+    full = s.logits(ids)
+    n = len(ids) - len(a.token_ids) + 1
+    assert list(full[n - 1:].argmax(-1)) == a.token_ids
+
+
+def test_verify_accepts_then_rejects_a_flipped_byte(artifact, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(artifact("llava-siglip", "int4"), out)
+    assert verify(out) == []
+    f = out / "decoder_model_merged.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    problems = verify(out)
+    assert len(problems) == 1 and "decoder_model_merged.onnx" in problems[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llava-clip", "idefics3", "gemma3", "llama", "mistral", "qwen2", "phi3"])
+def test_every_family_exports_at_parity(artifact, family):
+    out = artifact(family, "fp32")
+    p = read_manifest(out)["parity"]
+    assert p["logits_max_abs_diff"] < 1e-4, p
+    if family in ("llava-clip", "idefics3", "gemma3"):
+        assert p["vision_cosine_min"] > 0.99999
+        assert (out / "vision_encoder.onnx").exists()
+    else:
+        assert not (out / "vision_encoder.onnx").exists()
+    if family == "gemma3":  # bidirectional image attention needs the token types
+        dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+        assert "token_type_ids" in [i.name for i in dec.graph.input]
+
+
+@pytest.mark.slow
+def test_fp16_recipe(artifact):
+    out = artifact("llava-siglip", "fp16")
+    m = read_manifest(out)
+    assert m["parity"]["kld_mean"] < 0.01
+    dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in dec.graph.initializer)

@@ -1,0 +1,182 @@
+"""The planner, from a config.json alone (no weights): LLaVA-1.5-7B's shape against the shipped targets."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from edgemed.errors import InfeasiblePlanError
+from edgemed.plan import RUNTIME_OVERHEAD_FIXED_BYTES, RUNTIME_OVERHEAD_FRACTION, check_feasible, plan
+from edgemed.recipe import ComponentPolicy, Recipe
+from edgemed.target import load_target
+
+# LLaVA-1.5-7B: CLIP ViT-L/14-336 (303.5M with its post-layernorm) + 2-layer MLP projector (21.0M)
+# + Llama-2-7B with a 32064-token vocabulary (6,738.9M): 7,063.4M in all.
+LLAVA_15_7B_PARAMS = 7.06e9
+
+
+@pytest.fixture(scope="module")
+def llava7b(tmp_path_factory):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                              intermediate_size=4096, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       intermediate_size=11008, vocab_size=32064, max_position_embeddings=4096)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default")
+    folder = tmp_path_factory.mktemp("llava-1.5-7b-config")
+    cfg.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # no weights anywhere
+    return str(folder)
+
+
+def _recipe(name: str, steps=({"step": "onnx-export"},), **policy) -> Recipe:
+    return Recipe(name=name, policy=ComponentPolicy(**policy), steps=list(steps))
+
+
+FP16 = dict(vision="fp16", projector="fp16", embed="fp16", language="fp16", lm_head="fp16")
+INT4 = dict(vision="int8", projector="int8", language="int4", lm_head="int8")  # embed stays fp32 (ONNX Gather)
+INT4_STEPS = ({"step": "onnx-export"},
+              {"step": "onnx-quantize", "args": {"int4": {"block_size": 32, "symmetric": False}}})
+
+
+@pytest.fixture(scope="module")
+def int4_recipe():
+    return _recipe("int4-test", INT4_STEPS, **INT4)
+
+
+def test_param_counts_match_llava_15_7b(llava7b, int4_recipe):
+    p = plan(llava7b, int4_recipe, load_target("jetson-orin-nx-16gb"))
+    assert p.family == "llava"
+    assert p.total_params == pytest.approx(LLAVA_15_7B_PARAMS, rel=0.02)
+    c = {k: v.params for k, v in p.components.items()}
+    assert list(c) == ["vision", "projector", "embed", "language", "lm_head"]
+    assert c["vision"] == pytest.approx(303.5e6, rel=0.01)
+    assert c["projector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert c["embed"] == c["lm_head"] == 32064 * 4096
+
+
+def test_fp16_everything_does_not_fit_orin_nano(llava7b):
+    p = plan(llava7b, _recipe("fp16-test", **FP16), load_target("jetson-orin-nano-8gb"))
+    assert not p.feasible
+    assert p.artifact_bytes == pytest.approx(2 * p.total_params, rel=1e-6)
+    assert len(p.reasons) == 1 and "at run time" in p.reasons[0] and "5.2 GB" in p.reasons[0]
+    with pytest.raises(InfeasiblePlanError) as e:
+        check_feasible(p)
+    msg = str(e.value)
+    assert "jetson-orin-nano-8gb" in msg and "fix:" in msg
+    assert e.value.reasons == p.reasons
+    # The hint is computed: fp16 weights alone are 14 GB, so only the big targets are offered.
+    assert any("jetson-agx-orin-64gb" in f for f in p.fixes)
+    assert not any("jetson-orin-nx-16gb" in f for f in p.fixes)
+
+
+def test_int4_language_policy_size_and_fit(llava7b, int4_recipe):
+    p = plan(llava7b, int4_recipe, load_target("jetson-orin-nx-16gb"))
+    assert 3.5e9 < p.artifact_bytes < 5.2e9
+    assert p.feasible and p.reasons == [] and p.fixes == []
+    check_feasible(p)  # no exception
+    # On the Orin Nano 8GB the same artifact does not fit at 2048 tokens: 5.13 GB of weights alone
+    # leave no room in 5.2 GB once the fp32 KV cache (2.15 GB) and the runtime are added.
+    nano = plan(llava7b, int4_recipe, load_target("jetson-orin-nano-8gb"))
+    assert nano.artifact_bytes == p.artifact_bytes
+    assert not nano.feasible and "at run time" in nano.reasons[0]
+    assert any("jetson-orin-nx-16gb" in f for f in nano.fixes)
+
+
+def test_per_component_numbers_add_up(llava7b, int4_recipe):
+    p = plan(llava7b, int4_recipe, load_target("jetson-orin-nx-16gb"), context_tokens=2048)
+    c = p.components
+    for comp in c.values():
+        assert comp.bytes == math.ceil(comp.params * comp.bits_per_weight / 8)
+    # int4 MatMulNBits, block 32, asymmetric: fp32 scale + 4-bit zero point per 32 weights.
+    assert c["language"].bits_per_weight == pytest.approx(4 + (32 + 4) / 32)
+    # int8 per channel: fp32 scale + int8 zero point per output channel of 4096 inputs.
+    assert c["lm_head"].bits_per_weight == pytest.approx(8 + 40 / 4096)
+    assert c["embed"].bits_per_weight == 32
+    assert p.artifact_bytes == sum(x.bytes for x in c.values())
+    kv = 2 * 32 * 32 * 128 * 2048 * 4  # fp32 past_key_values in the ONNX decoder
+    assert p.kv_cache_bytes == kv and p.kv_bytes_per_element == 4
+    assert p.runtime_overhead_bytes == math.ceil((p.artifact_bytes + kv) * RUNTIME_OVERHEAD_FRACTION) \
+        + RUNTIME_OVERHEAD_FIXED_BYTES
+    assert p.runtime_memory_bytes == p.artifact_bytes + kv + p.runtime_overhead_bytes
+    embed_row = math.ceil(c["embed"].bytes / 32064)
+    assert p.bytes_per_token == c["language"].bytes + c["lm_head"].bytes + embed_row + kv
+    assert not c["vision"].read_per_token and not c["projector"].read_per_token
+    # The table: five components and a total that matches.
+    rows = p.table_rows()
+    assert [r[0] for r in rows] == ["vision", "projector", "embed", "language", "lm_head", "total"]
+    assert all(len(r) == 4 for r in rows)
+    assert float(rows[-1][3].replace(",", "")) == pytest.approx(p.artifact_bytes / 1e6, abs=0.1)
+
+
+def test_decode_ceiling_is_bandwidth_over_bytes_per_token(llava7b, int4_recipe):
+    for name in ("jetson-orin-nx-16gb", "cpu-x86-avx2", "rtx-4090-24gb"):
+        t = load_target(name)
+        p = plan(llava7b, int4_recipe, t)
+        assert p.decode_ceiling_tok_s == pytest.approx(t.memory_bandwidth_gb_s * 1e9 / p.bytes_per_token)
+    short = plan(llava7b, int4_recipe, load_target("cpu-x86-avx2"), context_tokens=512)
+    assert short.kv_cache_bytes * 4 == p.kv_cache_bytes
+    assert short.decode_ceiling_tok_s > plan(llava7b, int4_recipe, load_target("cpu-x86-avx2")).decode_ceiling_tok_s
+
+
+def test_fp8_refused_on_orin_naming_fp8(llava7b):
+    fp8 = _recipe("fp8-test", steps=(), vision="fp16", projector="fp16", embed="fp16", language="fp8", lm_head="fp16")
+    assert fp8.format is None  # transform-only: no format check, precisions still checked
+    p = plan(llava7b, fp8, load_target("jetson-orin-nano-8gb"))
+    assert not p.feasible
+    fp8_reasons = [r for r in p.reasons if "fp8" in r]
+    assert fp8_reasons and "language" in fp8_reasons[0] and "jetson-orin-nano-8gb" in fp8_reasons[0]
+    with pytest.raises(InfeasiblePlanError, match="fp8"):
+        check_feasible(p)
+    thor = plan(llava7b, fp8, load_target("jetson-thor"))
+    assert thor.feasible, thor.reasons
+
+
+def test_onnx_cannot_store_fp8_even_where_the_target_can(llava7b):
+    fp8 = _recipe("fp8-onnx", vision="fp16", projector="fp16", embed="fp16", language="fp8", lm_head="fp16")
+    p = plan(llava7b, fp8, load_target("jetson-thor"))
+    assert not p.feasible and any("onnx format cannot store" in r and "fp8" in r for r in p.reasons)
+
+
+def test_fp32_is_fine_on_a_cpu_target(llava7b):
+    p = plan(llava7b, _recipe("fp32-test"), load_target("cpu-x86-avx2"))
+    assert not any("does not support" in r for r in p.reasons)
+    assert p.artifact_bytes == 4 * p.total_params
+
+
+def test_format_the_target_does_not_run_is_refused(llava7b, int4_recipe):
+    gguf_only = load_target("cpu-x86-avx2").model_copy(update={"name": "gguf-box", "formats": ["gguf"]})
+    p = plan(llava7b, int4_recipe, gguf_only)
+    assert not p.feasible and any("format 'onnx'" in r and "gguf-box" in r for r in p.reasons)
+
+
+def test_int4_block_size_follows_the_recipe(llava7b):
+    steps = ({"step": "onnx-export"}, {"step": "onnx-quantize", "args": {"int4": {"block_size": 128, "symmetric": True}}})
+    p = plan(llava7b, _recipe("int4-b128", steps, **INT4), load_target("cpu-x86-avx2"))
+    assert p.components["language"].bits_per_weight == pytest.approx(4 + 32 / 128)
+
+
+def test_to_dict_is_json_in_mb(llava7b, int4_recipe):
+    p = plan(llava7b, int4_recipe, load_target("jetson-orin-nano-8gb"))
+    d = json.loads(json.dumps(p.to_dict()))
+    assert d["model"] == llava7b and d["family"] == "llava" and d["format"] == "onnx"
+    assert d["artifact_mb"] == pytest.approx(p.artifact_bytes / 1e6, abs=0.05)
+    assert d["components"]["language"]["precision"] == "int4"
+    for key in ("kv_cache_mb", "runtime_memory_mb", "usable_memory_mb", "bytes_per_token_mb", "decode_ceiling_tok_s"):
+        assert key in d
+    assert d["roofline"]["bytes_per_token"] == p.bytes_per_token
+    assert d["feasible"] is False and d["reasons"] and d["fixes"]
+
+
+def test_text_only_decoder(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=1000).save_pretrained(tmp_path)
+    p = plan(str(tmp_path), _recipe("int8-test", embed="fp32", language="int8", lm_head="int8"),
+             load_target("cpu-arm64"), context_tokens=100)
+    assert list(p.components) == ["embed", "language", "lm_head"] and p.feasible
+    assert p.kv_cache_bytes == 2 * 2 * 2 * 64 * 100 * 4  # grouped-query attention: 2 KV heads
