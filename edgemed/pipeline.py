@@ -121,7 +121,7 @@ def compress(
             step.run(ctx)
         _save_tokenizer(cm, tmp)
         say("parity against the PyTorch parent")
-        from edgemed.runtime import onnx_session
+        from edgemed.runtime import open_session
 
         manifest = {
             "schema_version": SCHEMA_VERSION,
@@ -148,7 +148,7 @@ def compress(
             "status_reason": None,
             "notes": ctx.notes,
         }
-        session = onnx_session.OnnxSession(tmp, manifest)
+        session = open_session(tmp, manifest)
         parity = check_parity(cm, session)
         del session
         manifest["parity"] = parity

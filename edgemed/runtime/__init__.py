@@ -14,7 +14,12 @@ from edgemed.errors import BadInputError
 def load(artifact_dir: str | Path, **kwargs):
     """A session for the artifact's format, with `generate(image, prompt, max_new_tokens)`."""
     path = Path(artifact_dir)
-    manifest = read_manifest(path)
+    return open_session(path, read_manifest(path), **kwargs)
+
+
+def open_session(path: Path, manifest: dict, **kwargs):
+    """Dispatch on manifest['format']. Every session offers the same calls: generate(),
+    prompt_ids(), pixel_values(), encode_image() and logits() (used by parity and bench)."""
     fmt = manifest.get("format")
     if fmt == "onnx":
         from edgemed.runtime.onnx_session import OnnxSession
@@ -24,4 +29,4 @@ def load(artifact_dir: str | Path, **kwargs):
                         "re-export with an ONNX recipe (int8, int4, fp16)")
 
 
-__all__ = ["load"]
+__all__ = ["load", "open_session"]
