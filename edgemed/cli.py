@@ -124,6 +124,45 @@ def inspect(
 
 
 @app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="An artifact folder written by `edgemed compress`."),
+    suite: List[str] = typer.Option(None, "--suite", "-s", help="Suite NAME or NAME=PATH (local copy in the hub layout); repeatable. "
+                                    "Names: synthetic-cxr, vqa-rad, slake, pathvqa, medqa, pubmedqa."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="report.json to write (report.md and PNG plots go beside it). "
+                                          "Default: ./bench-<artifact>/report.json."),
+    runs: int = typer.Option(10, "--runs", help="Measured latency requests (after the warm-up)."),
+    warmup: int = typer.Option(2, "--warmup", help="Unmeasured warm-up requests."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="Tokens decoded per latency request (greedy, EOS ignored)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N items of each suite (reproducible subsets)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Suite split (default: test; pubmedqa: train)."),
+    with_report: List[Path] = typer.Option(None, "--with", help="Other report.json files to put on the Pareto plot; repeatable."),
+    bandwidth_gb_s: Optional[float] = typer.Option(None, "--bandwidth-gb-s", help="Use this memory bandwidth for the roofline instead of measuring."),
+):
+    """Measure an artifact on this machine: accuracy, fidelity, latency, memory, energy, roofline."""
+    from edgemed.bench import run_bench
+
+    output = output or Path(f"bench-{artifact.resolve().name}") / "report.json"
+    with _progress() as prog:
+        task = prog.add_task("start", total=None)
+        report = run_bench(artifact, suite or [], output=output, runs=runs, warmup=warmup,
+                           max_new_tokens=max_new_tokens, limit=limit, split=split, with_reports=with_report or [],
+                           bandwidth_gb_s=bandwidth_gb_s, progress=lambda m: prog.update(task, description=m))
+        prog.update(task, description="done")
+    lat, fid, roof = report["latency"], report["fidelity"], report["roofline"]
+    f = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
+    console.print(f"TTFT p50 {f(lat['ttft_ms']['p50'])} ms, p90 {f(lat['ttft_ms']['p90'])} ms; decode {f(lat['decode_tok_s'])} tok/s "
+                  f"({f(roof.get('fraction'))} of the {f(roof.get('decode_ceiling_tok_s'))} tok/s roofline); "
+                  f"peak RSS {f(report['memory']['peak_rss_mb'])} MB")
+    console.print(f"fidelity: KLD mean {f(fid.get('kld_mean'))}, top-1 agreement {f(fid.get('top1_agreement'))}, "
+                  f"flip rate {f(fid.get('answer_flip_rate'))}; energy: "
+                  f"{f(report['energy'].get('joules_per_token'))} J/token"
+                  + (f" ({report['energy']['energy_unavailable_reason']})" if report["energy"].get("energy_unavailable_reason") else ""))
+    for name, b in report["accuracy"].items():
+        console.print(f"{name}: n={b['n']} {b.get('headline_metric')} {f(b.get('headline'))} 95% CI {b.get('ci95')}")
+    console.print(f"wrote {output} and {output.parent / 'report.md'}")
+
+
+@app.command()
 def recipes(show: Optional[str] = typer.Option(None, "--show", help="Print this recipe's resolved YAML (every default filled in).")):
     """List the shipped recipes, one line each."""
     from edgemed._resources import shipped_names

@@ -106,6 +106,9 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS) -> dict[st
     for k in ("kld_mean", "kld_p99", "logits_max_abs_diff"):
         result[k] = max(result["prefill"][k], result["decode"][k])
     result["top1_agreement"] = min(result["prefill"]["top1_agreement"], result["decode"]["top1_agreement"])
+    # Facts a runtime states about its own path (e.g. a known upstream bug), next to the numbers.
+    if hasattr(session, "parity_record"):
+        result.update(session.parity_record())
     return result
 
 
@@ -114,18 +117,23 @@ GATE_METRICS = {
     "max_kld_p99": ("kld_p99", "<="),
     "min_top1_agreement": ("top1_agreement", ">="),
     "max_logits_abs_diff": ("logits_max_abs_diff", "<="),
+    # Measured on the gate suite by edgemed.bench.fidelity.compare_with_reference (compress runs it).
+    "max_flip_rate": ("answer_flip_rate", "<="),
+    "min_closed_acc_retention": ("closed_acc_retention", ">="),
 }
 
 
-def evaluate_gates(gates: dict[str, float], metrics: dict[str, Any]) -> list[str]:
+def evaluate_gates(gates: dict[str, float], metrics: dict[str, Any],
+                   reasons: dict[str, str] | None = None) -> list[str]:
     """Failures as readable strings; gates whose metric was not measured fail too (never pass
-    silently)."""
+    silently). ``reasons`` maps a metric name to why it could not be measured."""
     failures = []
     for gate, threshold in gates.items():
         key, op = GATE_METRICS.get(gate, (None, None))
         value = metrics.get(key) if key else None
         if value is None:
-            failures.append(f"{gate}: metric not measured for this artifact")
+            why = (reasons or {}).get(key) if key else None
+            failures.append(f"{gate}: metric not measured for this artifact" + (f" ({why})" if why else ""))
         elif (op == "<=" and value > threshold) or (op == ">=" and value < threshold):
             failures.append(f"{gate}: {key} = {value:.4g} (threshold {op} {threshold})")
     return failures

@@ -28,6 +28,8 @@ class Context:
     progress: Callable[[str], None] = lambda msg: None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # How the runtime must drive the artifact (e.g. kv_cache: shared_buffer), saved in the manifest.
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def describe(self, rel: str, component: str, fmt: str, precision: str | None) -> None:
         self.files[rel] = {"component": component, "format": fmt, "precision": precision}
@@ -141,6 +143,7 @@ def compress(
                 "component_params": cm.component_params(),
             },
             "plan": plan_dict,
+            "runtime": ctx.runtime,
             "files": [],
             "parity": None,
             "results": None,
@@ -150,9 +153,20 @@ def compress(
         }
         session = open_session(tmp, manifest)
         parity = check_parity(cm, session)
-        del session
         manifest["parity"] = parity
-        failures = evaluate_gates(recipe.gates.active(), parity)
+        # The parent's answers and logits on the gate suite, cached so a device without torch can
+        # measure fidelity (edgemed bench), and the flip-rate / closed-accuracy gates measured on it.
+        from edgemed.bench.fidelity import cache_parent_reference, compare_with_reference, gate_values
+
+        say("parent reference and gate suite")
+        ref_rel = cache_parent_reference(cm, tmp)
+        ctx.describe(ref_rel, component="reference", fmt="npz", precision=None)
+        gate_suite = compare_with_reference(session, tmp / ref_rel)
+        del session
+        manifest["gate_suite"] = gate_suite
+        failures = evaluate_gates(recipe.gates.active(), {**gate_values(gate_suite), **parity},
+                                  reasons={k[:-len("_unavailable_reason")]: v for k, v in gate_suite.items()
+                                           if k.endswith("_unavailable_reason")})
         if failures:
             manifest["status"] = "rejected"
             manifest["status_reason"] = "; ".join(failures)

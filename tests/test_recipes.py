@@ -14,7 +14,7 @@ def test_shipped_recipes_round_trip(name, tmp_path):
     path.write_text(r.to_yaml())
     again = load_recipe(path)
     assert again.model_dump() == r.model_dump()
-    assert r.format in ("onnx", None)
+    assert r.format in ("onnx", "gguf", "tensorrt", None)
 
 
 def test_expected_recipes_ship():

@@ -33,8 +33,10 @@ def _torch():
     return torch
 
 
-def export_onnx(cm: CompositeModel, out_dir: Path, opset: int = 18, progress=None) -> list[str]:
-    """Write the graphs into out_dir; returns the file names written."""
+def export_onnx(cm: CompositeModel, out_dir: Path, opset: int = 18, progress=None,
+                decoder_builder: str = "torch") -> list[str]:
+    """Write the graphs into out_dir; returns the file names written. decoder_builder 'genai'
+    writes the decoder with onnxruntime-genai's model builder (edgemed.export.genai_decoder)."""
     torch = _torch()
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
@@ -46,9 +48,14 @@ def export_onnx(cm: CompositeModel, out_dir: Path, opset: int = 18, progress=Non
         warnings.simplefilter("ignore")
         for name, fn in jobs:
             if progress:
-                progress(f"export {name}")
-            fn(cm, out_dir / name, opset)
-            _tag_components(cm, out_dir / name)
+                progress(f"export {name}" + (" (onnxruntime-genai builder)" if name == DECODER and decoder_builder == "genai" else ""))
+            if name == DECODER and decoder_builder == "genai":
+                from edgemed.export.genai_decoder import export_decoder_genai
+
+                export_decoder_genai(cm, out_dir)
+            else:
+                fn(cm, out_dir / name, opset)
+                _tag_components(cm, out_dir / name)
             written.append(name)
     return written
 

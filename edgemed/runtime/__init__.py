@@ -25,8 +25,12 @@ def open_session(path: Path, manifest: dict, **kwargs):
         from edgemed.runtime.onnx_session import OnnxSession
 
         return OnnxSession(path, manifest, **kwargs)
+    if fmt == "gguf":
+        from edgemed.runtime.gguf_session import GgufSession
+
+        return GgufSession(path, manifest, **kwargs)
     raise BadInputError(str(path), f"artifact format '{fmt}' has no runtime in this edgemed version",
-                        "re-export with an ONNX recipe (int8, int4, fp16)")
+                        "re-export with an ONNX recipe (int8, int4, fp16) or a GGUF recipe (q8_0, q4_k_m, ...)")
 
 
 __all__ = ["load", "open_session"]

@@ -63,6 +63,7 @@ class OnnxSession:
         self._emb_dtype = _ORT_DTYPES[ins["inputs_embeds"].type]
         self._has_position_ids = "position_ids" in ins
         self._has_token_type_ids = "token_type_ids" in ins
+        self._shared_kv = manifest.get("runtime", {}).get("kv_cache") == "shared_buffer"
         self.n_layers = self.text["num_layers"]
         self.eos = set(self.text.get("eos_token_ids") or [])
 
@@ -92,31 +93,37 @@ class OnnxSession:
             emb[0, pos] = feats
         return emb.astype(self._emb_dtype)
 
-    def empty_past(self) -> dict[str, np.ndarray]:
+    def empty_past(self, capacity: int = 0) -> "KVCache":
+        """An empty KV cache. Graphs whose attention is ONNX Runtime's GroupQueryAttention (the
+        onnxruntime-genai builder's) read and write one preallocated buffer per layer in place;
+        torch.onnx graphs return past+new as fresh tensors."""
         shape = (1, self.text["num_kv_heads"], 0, self.text["head_dim"])
-        return {f"past_key_values.{i}.{kv}": np.zeros(shape, self._kv_dtype)
-                for i in range(self.n_layers) for kv in ("key", "value")}
+        if self._shared_kv:
+            return SharedKV(self.n_layers, shape, self._kv_dtype, max(capacity, 256))
+        return ConcatKV({f"past_key_values.{i}.{kv}": np.zeros(shape, self._kv_dtype)
+                         for i in range(self.n_layers) for kv in ("key", "value")})
 
-    def forward(self, embeds: np.ndarray, past: dict[str, np.ndarray],
-                ids: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run the decoder on new embeddings after `past`; returns logits [S, V] and the new past.
+    def forward(self, embeds: np.ndarray, past: "KVCache",
+                ids: np.ndarray | None = None) -> tuple[np.ndarray, "KVCache"]:
+        """Run the decoder on new embeddings after `past`; returns logits [S, V] and the cache.
         `ids` (the chunk's token ids) marks image tokens for decoders that need token_type_ids."""
-        past_len = past["past_key_values.0.key"].shape[2]
         seq = embeds.shape[1]
-        feeds = dict(past)
-        feeds["inputs_embeds"] = embeds
-        feeds["attention_mask"] = np.ones((1, past_len + seq), np.int64)
+        total = past.length + seq
+        binding = self.decoder.io_binding()
+        binding.bind_output("logits")
+        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
         if self._has_position_ids:
-            feeds["position_ids"] = np.arange(past_len, past_len + seq, dtype=np.int64)[None]
+            binding.bind_cpu_input("position_ids", np.arange(past.length, total, dtype=np.int64)[None])
         if self._has_token_type_ids:
             tti = np.zeros((1, seq), np.int64)
             if ids is not None and self.image is not None:
                 tti[0] = ids == self.image["image_token_id"]
-            feeds["token_type_ids"] = tti
-        outs = self.decoder.run(None, feeds)
-        new_past = {f"past_key_values.{i}.{kv}": outs[1 + 2 * i + j]
-                    for i in range(self.n_layers) for j, kv in enumerate(("key", "value"))}
-        return outs[0][0], new_past
+            binding.bind_cpu_input("token_type_ids", tti)
+        past.bind(binding, total)
+        self.decoder.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy()[0], past.after(outs[1:], total)
 
     def logits(self, ids: np.ndarray, pixel_values: np.ndarray | None = None,
                decode_from: int | None = None) -> np.ndarray:
@@ -125,8 +132,8 @@ class OnnxSession:
         feats = self.encode_image(pixel_values) if pixel_values is not None else None
         embeds = self.input_embeds(ids, feats)
         if decode_from is None or decode_from >= len(ids):
-            return self.forward(embeds, self.empty_past(), ids)[0].astype(np.float32)
-        out, past = self.forward(embeds[:, :decode_from], self.empty_past(), ids[:decode_from])
+            return self.forward(embeds, self.empty_past(len(ids)), ids)[0].astype(np.float32)
+        out, past = self.forward(embeds[:, :decode_from], self.empty_past(len(ids)), ids[:decode_from])
         rows = [out]
         for t in range(decode_from, len(ids)):
             step, past = self.forward(embeds[:, t:t + 1], past, ids[t:t + 1])
@@ -146,7 +153,7 @@ class OnnxSession:
             feats = self.encode_image(pv)
             vis_s = time.perf_counter() - t1
         ids = self.prompt_ids(prompt, image is not None)
-        logits, past = self.forward(self.input_embeds(ids, feats), self.empty_past(), ids)
+        logits, past = self.forward(self.input_embeds(ids, feats), self.empty_past(len(ids) + max_new_tokens), ids)
         out: list[int] = []
         times: list[float] = []
         nxt = int(np.argmax(logits[-1]))
@@ -163,3 +170,56 @@ class OnnxSession:
         return GenerationResult(text=self.tokenizer.decode(text_ids, skip_special_tokens=True), token_ids=out,
                                 prompt_tokens=len(ids), token_times_s=times, preprocess_s=pre_s,
                                 vision_encode_s=vis_s)
+
+
+class ConcatKV:
+    """past_key_values fed as inputs; the graph returns past+new as present.* outputs."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.length = next(iter(arrays.values())).shape[2]
+
+    def bind(self, binding, total: int) -> None:
+        for name, arr in self.arrays.items():
+            binding.bind_cpu_input(name, arr)
+            binding.bind_output(name.replace("past_key_values", "present"))
+
+    def after(self, outs, total: int) -> "ConcatKV":
+        return ConcatKV({name: o.numpy() for name, o in zip(self.arrays, outs)})
+
+
+class SharedKV:
+    """One buffer per layer and K/V, bound as both past and present (GroupQueryAttention writes the
+    new positions in place; attention_mask's length says how many are valid). Grows by doubling."""
+
+    def __init__(self, n_layers: int, shape: tuple, dtype, capacity: int):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.names = [f"{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+        self.shape, self.dtype, self.length = shape, dtype, 0
+        self.capacity = capacity
+        self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shape(capacity), dtype)) for n in self.names}
+
+    def _shape(self, cap: int) -> tuple:
+        return (self.shape[0], self.shape[1], cap, self.shape[3])
+
+    def bind(self, binding, total: int) -> None:
+        if total > self.capacity:
+            cap = max(total, 2 * self.capacity)
+            grown = {}
+            for n, buf in self.buffers.items():
+                arr = np.zeros(self._shape(cap), self.dtype)
+                arr[:, :, :self.capacity] = buf.numpy()
+                grown[n] = self._ort.OrtValue.ortvalue_from_numpy(arr)
+            self.buffers, self.capacity = grown, cap
+        for n, buf in self.buffers.items():
+            binding.bind_ortvalue_input(f"past_key_values.{n}", buf)
+            binding.bind_ortvalue_output(f"present.{n}", buf)
+
+    def after(self, outs, total: int) -> "SharedKV":
+        self.length = total
+        return self
+
+
+KVCache = ConcatKV | SharedKV

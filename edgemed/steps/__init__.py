@@ -1,5 +1,6 @@
 """Recipe steps. Importing this package registers every shipped step (no heavy imports here)."""
 from edgemed.steps.base import STEPS, Step, StepArgs
 from edgemed.steps import onnx_steps  # noqa: F401  (registers onnx-export, onnx-quantize)
+from edgemed.steps import gguf_steps  # noqa: F401  (registers gguf-export, gguf-quantize)
 
 __all__ = ["STEPS", "Step", "StepArgs"]

@@ -25,6 +25,9 @@ GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx
 
 class OnnxExportArgs(StepArgs):
     opset: int = Field(18, ge=17, le=23)
+    # auto: onnxruntime-genai's builder (fused GroupQueryAttention decoder) where it supports the
+    # model and is installed, else torch.onnx; the manifest notes which one wrote the decoder.
+    decoder: Literal["auto", "torch", "genai"] = "auto"
 
 
 class OnnxExport(Step):
@@ -35,9 +38,25 @@ class OnnxExport(Step):
     Args = OnnxExportArgs
 
     def run(self, ctx: "Context") -> None:
+        from edgemed.export.genai_decoder import builder_unsupported_reason
         from edgemed.export.onnx import export_onnx
 
-        for name in export_onnx(ctx.cm, ctx.work_dir, opset=self.args.opset, progress=ctx.progress):
+        builder = "torch"
+        if self.args.decoder != "torch":
+            reason = builder_unsupported_reason(ctx.cm)
+            if reason is None:
+                builder = "genai"
+            elif self.args.decoder == "genai":
+                raise BadInputError(f"recipe {ctx.recipe.name}: onnx-export decoder=genai", reason,
+                                    "use decoder: auto or torch")
+            else:
+                ctx.notes.append(f"decoder exported with torch.onnx: {reason}")
+        ctx.notes.append(f"decoder graph written by {'onnxruntime-genai model builder' if builder == 'genai' else 'torch.onnx (dynamo)'}")
+        ctx.runtime["decoder_builder"] = builder
+        # The builder's GroupQueryAttention reads past and writes present in one shared buffer.
+        ctx.runtime["kv_cache"] = "shared_buffer" if builder == "genai" else "concat"
+        for name in export_onnx(ctx.cm, ctx.work_dir, opset=self.args.opset, progress=ctx.progress,
+                                decoder_builder=builder):
             ctx.describe(name, component=_graph_component(name), fmt="onnx", precision="fp32")
 
 
@@ -57,8 +76,23 @@ class Int4Args(StepArgs):
 
 
 class Int8Args(StepArgs):
-    per_channel: bool = True
-    reduce_range: bool = False
+    # nbits: weight-only int8 in blocks along K (MatMulNBits bits=8), with accuracy_level 4
+    # quantizing activations per block too, which is what llama.cpp's Q8_0 does; dynamic:
+    # quantize_dynamic (per-channel weights, one activation scale per tensor), which an
+    # outlier-heavy LLM punishes (SmolLM2-135M: KLD 1.27 vs the parent, measured here).
+    method: Literal["nbits", "dynamic"] = "nbits"
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = Field(4, ge=0, le=4)
+    per_channel: bool = True  # dynamic only
+    reduce_range: bool = False  # dynamic only
+
+    @field_validator("block_size")
+    @classmethod
+    def _pow2(cls, v: int) -> int:
+        if v < 16 or v & (v - 1):
+            raise ValueError("block_size must be a power of two >= 16")
+        return v
 
 
 class OnnxQuantizeArgs(StepArgs):
@@ -155,36 +189,74 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs) -> dict[str, str]
             raise BadInputError(f"{path.name}: policy", f"precision '{prec}' cannot be expressed in ONNX",
                                 "use fp32, fp16, int8 or int4 for ONNX recipes")
     if by_prec.get("int4"):
-        model = _int4(model, by_prec["int4"], args.int4)
+        model = _nbits(model, by_prec["int4"], 4, args.int4.block_size, args.int4.symmetric,
+                       args.int4.accuracy_level, args.int4.algorithm)
     if by_prec.get("int8"):
-        model = _int8(model, path, by_prec["int8"], args.int8)
+        if args.int8.method == "nbits":
+            model = _nbits(model, by_prec["int8"], 8, args.int8.block_size, args.int8.symmetric,
+                           args.int8.accuracy_level, "rtn")
+        else:
+            model = _int8_dynamic(model, path, by_prec["int8"], args.int8)
     if "fp16" in wanted.values():
         model = _fp16(model, [c for c, p in wanted.items() if p == "fp16"], comps)
+    _retag_and_check(model, comps, by_prec, path.name)
     _save(model, path)
     return wanted
 
 
-def _int4(model, nodes: list[str], a: Int4Args):
+def _retag_and_check(model, comps: dict[str, str], by_prec: dict[str, list[str]], graph: str) -> None:
+    """Quantizers replace nodes (MatMul 'x' -> MatMulNBits 'x_Q4'): carry each node's component
+    tag over, and check that every MatMul the policy sent to int4/int8 really became one, so a
+    quantizer that ignores its node list can never pass silently."""
+    from edgemed.export.onnx import COMPONENT_KEY
+
+    wanted_bits = {n: 4 for n in by_prec.get("int4", [])}
+    wanted_bits.update({n: 8 for n in by_prec.get("int8", [])})
+    got_bits: dict[str, int] = {}
+    for node in model.graph.node:
+        base = node.name
+        if node.op_type == "MatMulNBits":
+            base = node.name.rsplit("_Q", 1)[0]
+            got_bits[base] = next(a.i for a in node.attribute if a.name == "bits")
+        elif node.op_type == "MatMulInteger":
+            base = node.name.removesuffix("_quant")
+            got_bits[base] = 8
+        comp = comps.get(base)
+        if comp and not any(p.key == COMPONENT_KEY for p in node.metadata_props):
+            entry = node.metadata_props.add()
+            entry.key, entry.value = COMPONENT_KEY, comp
+    wrong = [f"{n} ({comps.get(n)}): wanted {b}-bit, got {got_bits.get(n, 'float')}"
+             for n, b in wanted_bits.items() if got_bits.get(n) != b]
+    if wrong:
+        from edgemed.errors import EdgemedError
+
+        raise EdgemedError(f"{graph}: the quantizer did not follow the component policy for {len(wrong)} "
+                           f"node(s), e.g. {'; '.join(wrong[:3])}")
+
+
+def _nbits(model, nodes: list[str], bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+           algorithm: str):
+    """Weight-only MatMulNBits on exactly `nodes` (every other MatMul is excluded)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig, KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     include = set(nodes)
     exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in include]
-    if a.algorithm == "hqq":
-        cfg = HQQWeightOnlyQuantConfig(block_size=a.block_size, bits=4)
-    elif a.algorithm == "k_quant":
+    if algorithm == "hqq":
+        cfg = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+    elif algorithm == "k_quant":
         cfg = KQuantWeightOnlyQuantConfig()
     else:
-        cfg = DefaultWeightOnlyQuantConfig(block_size=a.block_size, is_symmetric=a.symmetric,
-                                           accuracy_level=a.accuracy_level)
-    q = MatMulNBitsQuantizer(model, bits=4, block_size=a.block_size, is_symmetric=a.symmetric,
-                             accuracy_level=a.accuracy_level, nodes_to_exclude=exclude, algo_config=cfg)
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                           accuracy_level=accuracy_level, bits=bits)
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level, nodes_to_exclude=exclude, algo_config=cfg)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     q.process()
     return q.model.model
 
 
-def _int8(model, path: Path, nodes: list[str], a: Int8Args):
+def _int8_dynamic(model, path: Path, nodes: list[str], a: Int8Args):
     import tempfile
 
     import onnx
