@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, standalone_mode=False)
         return 0
     except EdgemedError as e:
-        err.print(f"[red]error[/red] {e}", markup=True, highlight=False)
+        from rich.markup import escape
+
+        err.print(f"[red]error[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         return e.exit_code
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)

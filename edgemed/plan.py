@@ -196,27 +196,46 @@ def _int4_layout(recipe: Recipe, fmt: str | None) -> tuple[int, int, int]:
 
     ONNX (MatMulNBits): one fp32 scale per block of `block_size` weights along K, plus a 4-bit
     zero point packed two per uint8 when asymmetric (measured with onnxruntime 1.32: block 32
-    asymmetric = 5.125 bits/weight, symmetric = 5.0). Block size and symmetry come from the
-    recipe's onnx-quantize args. TensorRT (ModelOpt INT4 AWQ): block 128, fp16 scale, no zero point.
+    asymmetric = 5.125 bits/weight, symmetric = 5.0). The `fmin` and `hqq` algorithms store a
+    float32 per block on top of the scale (the block offset, or HQQ's float zero point): 6.0 at
+    block 32. Block size, symmetry and algorithm come from the recipe's onnx-quantize args.
+    TensorRT (ModelOpt INT4 AWQ): block 128, fp16 scale, no zero point.
     """
     if fmt == "tensorrt":
         return 128, 2, 0
-    block, symmetric = 32, False
+    block, symmetric, algorithm = 32, False, "fmin"
     for s in recipe.steps:
         int4 = s.args.get("int4") if isinstance(s.args, dict) else None
         if isinstance(int4, dict):
             block = int(int4.get("block_size", block))
             symmetric = bool(int4.get("symmetric", symmetric))
+            algorithm = int4.get("algorithm", algorithm)
+    if algorithm in ("fmin", "hqq"):
+        return block, 4, 32
     return block, 4, 0 if symmetric else 4
 
 
-def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tuple[int, int, int]) -> float:
+def _int8_block(recipe: Recipe) -> int | None:
+    """Block size of weight-only int8 (MatMulNBits bits 8, one fp32 scale per block), or None for
+    per-channel int8 (quantize_dynamic)."""
+    for s in recipe.steps:
+        int8 = s.args.get("int8") if isinstance(s.args, dict) else None
+        if isinstance(int8, dict) and int8.get("method", "nbits") == "nbits":
+            return int(int8.get("block_size", 32))
+        if isinstance(int8, dict):
+            return None
+    return None
+
+
+def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tuple[int, int, int],
+                     int8_block: int | None = None) -> float:
     """Effective bits per weight, scales and zero points included.
 
     - GGUF: the llama.cpp type's own bits (block scales are inside PRECISION_BITS: q8_0 = 8.5);
       generic names map to the type llama.cpp would store (int8 -> q8_0, int4 -> q4_0).
     - int4: 4 + (scale bytes x 8 + zero-point bits) / block size (see _int4_layout).
-    - int8: per output channel, an fp32 scale and an int8 zero point (ONNX Runtime
+    - int8, ONNX weight-only (MatMulNBits bits 8, the default): 8 + 32 / block (fp32 scale per block).
+    - int8 otherwise: per output channel, an fp32 scale and an int8 zero point (ONNX Runtime
       quantize_dynamic per_channel; TensorRT stores the scale only): 8 + 5 x 8 / in_features.
       The number of output channels is taken as params / in_features, exact for embeddings and
       lm_head and within a fraction of a percent elsewhere.
@@ -230,6 +249,8 @@ def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tu
     if precision == "int4":
         block, scale_bytes, zp_bits = int4
         return 4 + (scale_bytes * 8 + zp_bits) / block
+    if precision == "int8" and int8_block:
+        return 8 + 32 / int8_block
     if precision == "int8":
         per_channel_bytes = 4 if fmt == "tensorrt" else 5
         return 8 + per_channel_bytes * 8 / max(in_features, 1)
@@ -261,7 +282,7 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
         params = shape.counts[name]
         prec = getattr(policy, name, "fp32")  # a component the policy does not name (a router) stays fp32
         in_features = shape.vision_hidden if (name == "vision" and shape.vision_hidden) else facts.hidden_size
-        bits = _bits_per_weight(prec, fmt, in_features, int4)
+        bits = _bits_per_weight(prec, fmt, in_features, int4, _int8_block(recipe) if fmt == "onnx" else None)
         nbytes = math.ceil(params * bits / 8)
         note = ""
         if name == "lm_head" and shape.tied and fmt == "gguf":

@@ -39,7 +39,8 @@ def _recipe(name: str, steps=({"step": "onnx-export"},), **policy) -> Recipe:
 FP16 = dict(vision="fp16", projector="fp16", embed="fp16", language="fp16", lm_head="fp16")
 INT4 = dict(vision="int8", projector="int8", language="int4", lm_head="int8")  # embed stays fp32 (ONNX Gather)
 INT4_STEPS = ({"step": "onnx-export"},
-              {"step": "onnx-quantize", "args": {"int4": {"block_size": 32, "symmetric": False}}})
+              {"step": "onnx-quantize", "args": {"int4": {"algorithm": "rtn", "block_size": 32, "symmetric": False},
+                                                 "int8": {"method": "dynamic"}}})
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +155,21 @@ def test_format_the_target_does_not_run_is_refused(llava7b, int4_recipe):
 
 
 def test_int4_block_size_follows_the_recipe(llava7b):
-    steps = ({"step": "onnx-export"}, {"step": "onnx-quantize", "args": {"int4": {"block_size": 128, "symmetric": True}}})
+    steps = ({"step": "onnx-export"},
+             {"step": "onnx-quantize", "args": {"int4": {"algorithm": "rtn", "block_size": 128, "symmetric": True}}})
     p = plan(llava7b, _recipe("int4-b128", steps, **INT4), load_target("cpu-x86-avx2"))
     assert p.components["language"].bits_per_weight == pytest.approx(4 + 32 / 128)
+
+
+def test_shipped_int4_and_int8_layouts(llava7b):
+    """fmin keeps a float offset per block beside the scale; weight-only int8 one scale per block."""
+    from edgemed.recipe import load_recipe
+
+    p = plan(llava7b, load_recipe("int4"), load_target("cpu-x86-avx2"))
+    assert p.components["language"].bits_per_weight == pytest.approx(4 + 64 / 32)
+    assert p.components["lm_head"].bits_per_weight == pytest.approx(8 + 32 / 32)
+    fast = plan(llava7b, load_recipe("int4-fast"), load_target("cpu-x86-avx2"))
+    assert fast.components["language"].bits_per_weight == pytest.approx(4 + 36 / 32)
 
 
 def test_to_dict_is_json_in_mb(llava7b, int4_recipe):

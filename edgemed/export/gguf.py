@@ -3,6 +3,7 @@
     model-f32.gguf     the decoder (token_embd, blk.N.*, output_norm, output), its hyperparameters,
                        tokenizer (GPT-2 byte-level BPE or SentencePiece-style) and chat template
     mmproj-f16.gguf    vision tower + projector, `general.architecture = clip`, for llama.cpp's mtmd
+                       (LLaVA "mlp" with SigLIP or CLIP towers, Idefics3/SmolVLM "idefics3", Gemma 3 "gemma3")
 
 Tensor names come from gguf-py's own map (`gguf.get_tensor_name_map`) and constants; edgemed keeps
 no second name table. Tensors are streamed: every tensor's header is declared first, then each
@@ -11,8 +12,10 @@ tensor is converted and written on its own, so peak extra memory is one tensor, 
 Facts about what llama.cpp's loaders expect (checked against the llama.cpp vendored by
 llama-cpp-python, see /work/shared/REFERENCE.md "llama.cpp multimodal"):
 - Llama-family attention (llama, mistral) applies RoPE to adjacent pairs, Hugging Face to the two
-  halves of each head, so q/k rows are permuted per head (`permute_qk`); Qwen2/Phi3 use NEOX RoPE
-  in llama.cpp and need no permutation.
+  halves of each head, so q/k rows are permuted per head (`permute_qk`); Qwen2/Phi3/Gemma3 use NEOX
+  RoPE in llama.cpp and need no permutation.
+- Gemma 3 stores RMSNorm weights as w - 1 (llama.cpp wants w), hard-codes 5 sliding : 1 global
+  layers and scales attention by 1/sqrt(head_dim): models that differ are refused, not written.
 - LLaVA's "mlp" graph runs n_layer-1 vision blocks and applies `v.post_ln` if present: never write
   post_ln for LLaVA, write `clip.vision.feature_layer` whenever vision_feature_layer != -2.
 - The projector stays F16 or F32 (Q8_0 on it crashed clip).
@@ -90,6 +93,8 @@ TEXT_ARCHS: dict[str, TextArch] = {
     "mistral": TextArch("LLAMA", True),
     "qwen2": TextArch("QWEN2", False),
     "phi3": TextArch("PHI3", False),
+    "gemma3": TextArch("GEMMA3", False, norm_shift=1.0),
+    "gemma3_text": TextArch("GEMMA3", False, norm_shift=1.0),
 }
 
 
@@ -216,9 +221,11 @@ def _write_text_hparams(w, cm: "CompositeModel", arch: TextArch, tc) -> list[_Pl
     w.add_layer_norm_rms_eps(float(getattr(tc, "rms_norm_eps", 1e-6)))
     w.add_vocab_size(int(tc.vocab_size))
     w.add_rope_dimension_count(int(head_dim * getattr(tc, "partial_rotary_factor", 1.0)))
-    if head_dim != tc.hidden_size // heads:
+    if head_dim != tc.hidden_size // heads or arch.arch == "GEMMA3":
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
+    if arch.arch == "GEMMA3":
+        _gemma3_hparams(w, cm, tc, head_dim)
     rp = _rope(tc)
     w.add_rope_freq_base(float(rp["rope_theta"]))
     extra: list[_Planned] = []
@@ -243,6 +250,32 @@ def _write_text_hparams(w, cm: "CompositeModel", arch: TextArch, tc) -> list[_Pl
         if getattr(tc, "sliding_window", None):
             w.add_sliding_window(int(tc.sliding_window))
     return extra
+
+
+def _gemma3_hparams(w, cm: "CompositeModel", tc, head_dim: int) -> None:
+    # llama.cpp scales queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B) and
+    # ignores query_pre_attn_scalar; a model that sets it otherwise would be silently wrong.
+    qpas = getattr(tc, "query_pre_attn_scalar", head_dim)
+    expected = tc.hidden_size // tc.num_attention_heads if tc.num_hidden_layers == 62 else head_dim
+    if qpas != expected:
+        raise BadInputError(f"{cm.source}: query_pre_attn_scalar {qpas}",
+                            f"llama.cpp's gemma3 graph scales attention by 1/sqrt({expected})",
+                            "use an ONNX recipe for this model")
+    if getattr(tc, "attn_logit_softcapping", None):
+        raise BadInputError(f"{cm.source}: attn_logit_softcapping", "llama.cpp's gemma3 graph has none",
+                            "use an ONNX recipe for this model")
+    if getattr(tc, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(tc.final_logit_softcapping))
+    rp = getattr(tc, "rope_parameters", None) or {}
+    types = list(getattr(tc, "layer_types", None) or [])
+    if tc.sliding_window and "sliding_attention" in types:
+        # llama.cpp's gemma3 hard-codes 5 sliding layers then 1 global; refuse another layout.
+        if types != ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types))]:
+            raise BadInputError(f"{cm.source}: layer_types", "not Gemma 3's 5 local : 1 global pattern",
+                                "use an ONNX recipe for this model")
+        w.add_sliding_window(int(tc.sliding_window))
+        if "sliding_attention" in rp:
+            w.add_rope_freq_base_swa(float(rp["sliding_attention"]["rope_theta"]))
 
 
 def language_tensors(cm: "CompositeModel") -> Iterator[tuple[str, str, Any]]:
@@ -428,8 +461,11 @@ def _mmproj_spec(cm: "CompositeModel") -> MmprojSpec:
         return MmprojSpec("mlp", ("vision_tower.vision_model.", "vision_tower."), write_post_ln=False)
     if cm.family == "idefics3":
         return MmprojSpec(_gguf().VisionProjectorType.IDEFICS3, ("model.vision_model.",), write_post_ln=True)
+    if cm.family == "gemma3":
+        return MmprojSpec(_gguf().VisionProjectorType.GEMMA3, ("vision_tower.vision_model.", "vision_tower."),
+                          write_post_ln=True)
     raise BadInputError(f"{cm.source}: family '{cm.family}'", "has no mmproj writer in edgemed yet",
-                        "use an ONNX recipe for this model (GGUF mmproj: llava, idefics3)")
+                        "use an ONNX recipe for this model (GGUF mmproj: llava, idefics3, gemma3)")
 
 
 def has_cls_token(cm: "CompositeModel") -> bool:
@@ -483,6 +519,11 @@ def write_mmproj_gguf(cm: "CompositeModel", path: Path, vision_precision: str = 
     elif spec.projector_type == gguf.VisionProjectorType.IDEFICS3:
         w.add_vision_projector_scale_factor(int(cfg.scale_factor))
         w.add_vision_preproc_image_size(int(vc.image_size))
+    elif spec.projector_type == gguf.VisionProjectorType.GEMMA3:
+        # The pooling factor from patches per side to image tokens per side (clip.cpp assumes 4).
+        factor = (vc.image_size // vc.patch_size) // int(round(math.sqrt(cfg.mm_tokens_per_image)))
+        if factor != 4:
+            w.add_vision_projector_scale_factor(int(factor))
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vc.num_hidden_layers)
     comps = cm.components()
@@ -515,7 +556,10 @@ def write_mmproj_gguf(cm: "CompositeModel", path: Path, vision_precision: str = 
     for hf_name, p in comps["projector"].named_parameters():
         new = _projector_name(gguf, names, spec, hf_name)
         shape = tuple(p.shape)
-        planned.append(_Planned(new, shape, _float_type(proj_prec, len(shape), shape[-1]), _np(p)))
+        make = _np(p)
+        if spec.projector_type == gguf.VisionProjectorType.GEMMA3 and "soft_emb_norm" in new:
+            make = (lambda f: (lambda: f() + 1.0))(make)  # Gemma RMSNorm stores w - 1
+        planned.append(_Planned(new, shape, _float_type(proj_prec, len(shape), shape[-1]), make))
     _stream(w, planned)
     return {"tensors": len(planned), "projector_type": spec.projector_type, "cls_token": has_cls_token(cm)}
 
@@ -526,7 +570,12 @@ def _projector_name(gguf, names, spec: MmprojSpec, hf_name: str) -> str:
         idx = {"linear_1": 0, "linear_2": 2}[hf_name.split(".")[0]]
         base = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_MMPROJ].format(bid=idx)
         return f"{base}.{hf_name.rsplit('.', 1)[1]}"
-    new = names.get_name("model.connector." + hf_name, try_suffixes=(".weight", ".bias"))
+    if spec.projector_type == gguf.VisionProjectorType.GEMMA3:
+        # Gemma 3 keeps its projection as a bare parameter (mm_input_projection_weight).
+        hf_name = hf_name.replace("_weight", ".weight")
+        new = names.get_name("multi_modal_projector." + hf_name, try_suffixes=(".weight", ".bias"))
+    else:
+        new = names.get_name("model.connector." + hf_name, try_suffixes=(".weight", ".bias"))
     if new is None:
         raise BadInputError(f"projector tensor {hf_name}", "has no clip.cpp name", "use an ONNX recipe for this model")
     return new

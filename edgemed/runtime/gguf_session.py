@@ -17,6 +17,7 @@ positions with embedding batches (`llama_batch.embd`), the way mtmd's own helper
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ def check_gguf_file(path: Path, expected_bytes: int | None = None) -> None:
 
 
 class GgufSession:
+    """kv_f32: an F32 KV cache (default) so parity measures the weights, not KV rounding; pass
+    kv_f32=False to time the F16 cache llama.cpp deploys with."""
+
     def __init__(self, path: Path, manifest: dict[str, Any], n_threads: int | None = None, n_ctx: int | None = None,
                  kv_f32: bool = True, n_gpu_layers: int = 0):
         from tokenizers import Tokenizer
@@ -86,13 +90,14 @@ class GgufSession:
         self.mmproj_path = projs[0] if projs else None
         for p in [self.model_path, *projs]:
             check_gguf_file(p, sizes.get(p.name))
-        self.n_threads = n_threads or max(1, min(4, __import__("os").cpu_count() or 1))
+        self.n_threads = n_threads or max(1, min(4, os.cpu_count() or 1))
         ctx_len = n_ctx or min(int(self.text.get("max_position_embeddings") or 2048), 4096)
         kw: dict[str, Any] = {}
         if kv_f32:
             kw.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
+        # n_ubatch: an image block decoded non-causally (Gemma 3) must fit in one micro-batch.
         try:
-            self.llm = lc.Llama(model_path=str(self.model_path), n_ctx=ctx_len, n_batch=ctx_len, n_ubatch=min(ctx_len, 512),
+            self.llm = lc.Llama(model_path=str(self.model_path), n_ctx=ctx_len, n_batch=ctx_len, n_ubatch=min(ctx_len, 1024),
                                 n_threads=self.n_threads, n_gpu_layers=n_gpu_layers, verbose=False, **kw)
         except (ValueError, RuntimeError) as e:
             raise BadInputError(str(self.model_path), f"llama.cpp could not load it ({str(e)[:200]})",
@@ -103,6 +108,7 @@ class GgufSession:
         self.n_embd = lc.llama_model_n_embd(self._model)
         self.n_ctx = ctx_len
         self._mtmd = None
+        self._image_non_causal = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -177,6 +183,8 @@ class GgufSession:
                 if mtmd_cpp.mtmd_input_chunk_get_type(chunk) != mtmd_cpp.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                     continue
                 n = mtmd_cpp.mtmd_input_chunk_get_n_tokens(chunk)
+                # Gemma 3's image tokens attend to each other both ways while they are decoded.
+                self._image_non_causal = bool(mtmd_cpp.mtmd_decode_use_non_causal(mctx, chunk))
                 if mtmd_cpp.mtmd_encode_chunk(mctx, chunk) != 0:
                     raise RuntimeError("mtmd_encode_chunk failed")
                 ptr = mtmd_cpp.mtmd_get_output_embd(mctx)
@@ -243,7 +251,14 @@ class GgufSession:
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
-            rc = lc.llama_decode(self._ctx, batch)
+            non_causal = kind == "emb" and self._image_non_causal
+            if non_causal:
+                lc.llama_set_causal_attn(self._ctx, False)
+            try:
+                rc = lc.llama_decode(self._ctx, batch)
+            finally:
+                if non_causal:
+                    lc.llama_set_causal_attn(self._ctx, True)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
             rows = n if all_logits else 1

@@ -98,6 +98,7 @@ class GgufQuantize(Step):
         policy = ctx.recipe.policy
         lang = _canonical(policy.language)
         src = _language_file(ctx)
+        _llama_cpp()  # before any imatrix pass: a missing runtime should cost seconds, not minutes
         if lang in ("f32", "f16") and not self.args.tensor_types:
             ctx.notes.append(f"gguf-quantize: language policy {lang}: nothing to quantize")
             return
@@ -112,7 +113,7 @@ class GgufQuantize(Step):
         ctx.progress(f"llama_model_quantize {src.name} -> {dst.name}")
         tied = quantize_gguf(src, dst, policy, tensor_types=self.args.tensor_types, imatrix=imatrix_path,
                              nthread=self.args.nthread)
-        if not self.args.keep_unquantized:
+        if not self.args.keep_unquantized and src != dst:
             src.unlink()
             ctx.files.pop(src.name, None)
         summary = tensor_type_summary(dst, lang)

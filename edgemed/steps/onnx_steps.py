@@ -61,7 +61,11 @@ class OnnxExport(Step):
 
 
 class Int4Args(StepArgs):
-    algorithm: Literal["rtn", "hqq", "k_quant"] = "rtn"
+    # fmin: affine blocks with a float minimum (llama.cpp's Q4_1 grid), run on ONNX Runtime's fast
+    # symmetric MatMulNBits kernel plus a small block-sum correction (see _fmin). rtn, hqq and
+    # k_quant are ONNX Runtime's MatMulNBitsQuantizer algorithms (integer zero points; HQQ's
+    # float zero points have no fast CPU kernel in ONNX Runtime 1.32: about 10x slower here).
+    algorithm: Literal["fmin", "rtn", "hqq", "k_quant"] = "fmin"
     block_size: int = 32
     symmetric: bool = False
     # 4 = int8 activations inside MatMulNBits: the fastest CPU kernels (ORT docs).
@@ -189,8 +193,11 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs) -> dict[str, str]
             raise BadInputError(f"{path.name}: policy", f"precision '{prec}' cannot be expressed in ONNX",
                                 "use fp32, fp16, int8 or int4 for ONNX recipes")
     if by_prec.get("int4"):
-        model = _nbits(model, by_prec["int4"], 4, args.int4.block_size, args.int4.symmetric,
-                       args.int4.accuracy_level, args.int4.algorithm)
+        if args.int4.algorithm == "fmin":
+            model = _fmin(model, by_prec["int4"], args.int4.block_size, args.int4.accuracy_level)
+        else:
+            model = _nbits(model, by_prec["int4"], 4, args.int4.block_size, args.int4.symmetric,
+                           args.int4.accuracy_level, args.int4.algorithm)
     if by_prec.get("int8"):
         if args.int8.method == "nbits":
             model = _nbits(model, by_prec["int8"], 8, args.int8.block_size, args.int8.symmetric,
@@ -218,6 +225,8 @@ def _retag_and_check(model, comps: dict[str, str], by_prec: dict[str, list[str]]
         if node.op_type == "MatMulNBits":
             base = node.name.rsplit("_Q", 1)[0]
             got_bits[base] = next(a.i for a in node.attribute if a.name == "bits")
+        elif node.name.rsplit("_", 1)[-1] in ("blocksum", "offset", "fmin"):
+            base = node.name.rsplit("_", 1)[0]
         elif node.op_type == "MatMulInteger":
             base = node.name.removesuffix("_quant")
             got_bits[base] = 8
@@ -254,6 +263,74 @@ def _nbits(model, nodes: list[str], bits: int, block_size: int, symmetric: bool,
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     q.process()
     return q.model.model
+
+
+def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
+    """int4 with a float minimum per block: w = d * q + m, q in 0..15, d = (max - min) / 15.
+
+    Why our own code: ONNX Runtime's quantizers store integer zero points, which cannot put a
+    block's minimum exactly on the grid (every weight of the block then shifts by the same
+    amount, and those errors add up along K); its float-zero-point kernels (HQQ) are slow on CPU.
+    We write w = d * (q - 8) + o with o = m + 8d: the first term is a *symmetric* MatMulNBits (the
+    fast kernel), the second is sum_b o[b, n] * blocksum_b(x), a [K/block x N] fp32 MatMul on the
+    block sums of x (one small MatMul per distinct input, shared by the projections reading it).
+    On SmolLM2-135M, whose weights sit on the Q4_1 grid, this is the exact representation.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    wanted = set(nodes)
+    inits = {t.name: t for t in model.graph.initializer}
+    new_nodes, new_inits, blocksums, rtn_fallback = [], [], {}, []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        k, n = w.shape
+        if k % block_size:
+            rtn_fallback.append(node.name)
+            new_nodes.append(node)
+            continue
+        nb = k // block_size
+        blocks = w.T.reshape(n, nb, block_size)
+        lo, hi = blocks.min(-1), blocks.max(-1)
+        d = (hi - lo) / 15
+        q = np.clip(np.rint((blocks - lo[..., None]) / np.where(d > 0, d, 1)[..., None]), 0, 15).astype(np.uint8)
+        name = node.name
+        new_inits += [
+            numpy_helper.from_array((q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8), f"{name}.q4"),
+            numpy_helper.from_array(d.astype(np.float32).reshape(-1), f"{name}.scales"),
+            numpy_helper.from_array(np.ascontiguousarray((lo + 8 * d).T, dtype=np.float32), f"{name}.offsets"),
+        ]
+        x = node.input[0]
+        if (x, k) not in blocksums:
+            ind = np.zeros((k, nb), np.float32)
+            ind[np.arange(k), np.arange(k) // block_size] = 1
+            ind_name = f"{name}.block_indicator"
+            new_inits.append(numpy_helper.from_array(ind, ind_name))
+            blocksums[(x, k)] = f"{name}.blocksum"
+            new_nodes.append(helper.make_node("MatMul", [x, ind_name], [blocksums[(x, k)]], name=f"{name}_blocksum"))
+        new_nodes += [
+            helper.make_node("MatMulNBits", [x, f"{name}.q4", f"{name}.scales"], [f"{name}.main"], name=f"{name}_Q4",
+                             domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size,
+                             accuracy_level=accuracy_level),
+            helper.make_node("MatMul", [blocksums[(x, k)], f"{name}.offsets"], [f"{name}.offset"], name=f"{name}_offset"),
+            helper.make_node("Add", [f"{name}.main", f"{name}.offset"], [node.output[0]], name=f"{name}_fmin"),
+        ]
+    if rtn_fallback:
+        log.warning("fmin: K not a multiple of %d for %d MatMul(s); they use rtn", block_size, len(rtn_fallback))
+    used = {i for nd in new_nodes for i in nd.input}
+    keep = [t for t in model.graph.initializer if t.name in used] + new_inits
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if rtn_fallback:
+        model = _nbits(model, rtn_fallback, 4, block_size, False, accuracy_level, "rtn")
+    return model
 
 
 def _int8_dynamic(model, path: Path, nodes: list[str], a: Int8Args):
