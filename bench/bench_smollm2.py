@@ -149,11 +149,15 @@ def bench_edgemed(hf: Path, work: Path, recipe: str, windows, parent_logits, run
             compress(str(hf), [recipe], "cpu-x86-avx2", out)
         except GateFailedError:
             pass  # still benchmarked; the gate verdict is in the manifest
-    session = edgemed.runtime.load(out)
-    rate, rates = median_rate(
-        lambda: session.generate(prompt=PROMPT, max_new_tokens=new_tokens, stop_at_eos=False).token_times_s, runs)
-    child = [session.logits(w) for w in windows]
     manifest = json.loads((out / "manifest.json").read_text())
+    # llama.cpp is timed with the f16 KV cache it deploys with; its logits come from an f32 cache.
+    timed = edgemed.runtime.load(out, kv_f32=False) if manifest["format"] == "gguf" else edgemed.runtime.load(out)
+    rate, rates = median_rate(
+        lambda: timed.generate(prompt=PROMPT, max_new_tokens=new_tokens, stop_at_eos=False).token_times_s, runs)
+    if hasattr(timed, "close"):
+        timed.close()
+    session = edgemed.runtime.load(out)
+    child = [session.logits(w) for w in windows]
     if hasattr(session, "close"):
         session.close()
     return {"name": f"edgemed {recipe} ({manifest['format']})", "decode_tok_s": rate, "runs": rates,

@@ -30,6 +30,8 @@ class Context:
     notes: list[str] = field(default_factory=list)
     # How the runtime must drive the artifact (e.g. kv_cache: shared_buffer), saved in the manifest.
     runtime: dict[str, Any] = field(default_factory=dict)
+    # The calibration set a step used (source, count, modalities, sha256 of the sample list).
+    calibration: dict[str, Any] | None = None
 
     def describe(self, rel: str, component: str, fmt: str, precision: str | None) -> None:
         self.files[rel] = {"component": component, "format": fmt, "precision": precision}
@@ -133,7 +135,7 @@ def compress(
             "source": _source_record(cm),
             "recipe": recipe.model_dump(mode="json"),
             "target": tgt.model_dump(mode="json"),
-            "calibration": None,
+            "calibration": ctx.calibration,
             "tools": tool_versions(),
             "model": {
                 "family": cm.family,

@@ -319,12 +319,15 @@ def test_truncated_gguf_is_bad_input_not_a_crash(artifact, tmp_path):
     assert run.returncode == 1 and "BadInputError" in run.stderr and "Segmentation" not in run.stderr
 
 
-def test_generate_through_llama_cpp_mtmd(artifact):
+@pytest.mark.parametrize("family", ["llava-siglip", "idefics3"])
+def test_generate_through_llama_cpp_mtmd(artifact, family):
+    """generate(): llama.cpp's own preprocessing and clip (Idefics3: tiles + overview; the overview's
+    embeddings fill edgemed's single global-image block)."""
     _llama_cpp()
     import edgemed.runtime
     from edgemed.parity import synthetic_test_image
 
-    s = edgemed.runtime.load(artifact("llava-siglip", "q8_0"), n_threads=1)
+    s = edgemed.runtime.load(artifact(family, "q8_0"), n_threads=1)
     try:
         r = s.generate(synthetic_test_image(64), "Is there an effusion?", max_new_tokens=5)
         assert 1 <= len(r.token_ids) <= 5 and r.ttft_ms > 0 and r.vision_encode_s > 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -71,11 +72,17 @@ def export_decoder_genai(cm: CompositeModel, out_dir: Path) -> None:
         src, dst, cache = Path(td) / "hf", Path(td) / "onnx", Path(td) / "cache"
         src.mkdir()
         _write_text_model(cm, src)
-        extra = [f"exclude_embeds=true", f"filename={DECODER}"]
+        extra = ["exclude_embeds=true", f"filename={DECODER}"]
         sink = io.StringIO()
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            opts = parse_extra_options(None, str(src), str(dst), "fp32", "cpu", str(cache), extra)
-            create_model(None, str(src), str(dst), "fp32", "cpu", str(cache), **opts)
+        root = logging.getLogger()
+        saved = (root.level, list(root.handlers))
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                opts = parse_extra_options(None, str(src), str(dst), "fp32", "cpu", str(cache), extra)
+                create_model(None, str(src), str(dst), "fp32", "cpu", str(cache), **opts)
+        finally:  # the builder configures the root logger at INFO; give the process its own back
+            root.setLevel(saved[0])
+            root.handlers[:] = saved[1]
         for name in os.listdir(dst):
             if name.startswith(DECODER):  # the graph and its external data file
                 shutil.move(str(dst / name), str(out_dir / name))

@@ -141,7 +141,7 @@ class GgufQuantize(Step):
                          f"{stats.tokens} tokens, sha256 {rec['sha256'][:16]}); image-token positions included"
                          if rec["modalities"] == "multimodal" else
                          f"imatrix: text from {rec['source']} ({rec['count']} passes, {stats.tokens} tokens)")
-        ctx.calibration = rec  # picked up by the manifest's `calibration` field where the pipeline wires it
+        ctx.calibration = rec  # the manifest's `calibration` field
         return path
 
 

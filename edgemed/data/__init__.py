@@ -1,0 +1,1 @@
+"""Data edgemed generates itself: the `synthetic-cxr` radiograph task (no download, no patients)."""
