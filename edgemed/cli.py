@@ -191,6 +191,31 @@ def targets():
                    f"{','.join(t.formats)}")
 
 
+calib_app = typer.Typer(no_args_is_help=True, help="Calibration sets: the medical images and prompts recipes calibrate with.")
+app.add_typer(calib_app, name="calib")
+
+
+@calib_app.command("build")
+def calib_build(
+    source: str = typer.Argument(..., help="A folder of images (DICOM/NIfTI/PNG/JPEG, searched recursively), or 'synthetic-cxr'."),
+    output: Path = typer.Option(..., "--output", "-o", help="The set folder to create (must not exist)."),
+    count: int = typer.Option(64, "--count", "-n", help="Images to select, stratified by modality."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the selection (and for synthetic-cxr's images)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts: .jsonl ({\"prompt\", optional \"image\", \"answer\"} per line) or .txt (one per line)."),
+):
+    """Build a calibration set: images re-encoded as PNG (no metadata), prompts.jsonl, calibration.json."""
+    from edgemed.calib import build_calibration_set
+
+    with _progress() as prog:
+        task = prog.add_task("start", total=None)
+        m = build_calibration_set(source, output, count=count, seed=seed, prompts=prompts,
+                                  progress=lambda msg: prog.update(task, description=msg))
+        prog.update(task, description="done")
+    mods = ", ".join(f"{k} {v}" for k, v in m["modalities"].items())
+    skipped = f"; skipped {m['skipped_unreadable']} unreadable file(s)" if m["skipped_unreadable"] else ""
+    console.print(f"wrote {output}: {m['count']} images ({mods}){skipped}; sha256 {m['sha256'][:16]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps edgemed's errors to the exit codes of DESIGN.md."""
     try:

@@ -34,30 +34,46 @@ def _torch():
 
 
 def export_onnx(cm: CompositeModel, out_dir: Path, opset: int = 18, progress=None,
-                decoder_builder: str = "torch") -> list[str]:
-    """Write the graphs into out_dir; returns the file names written. decoder_builder 'genai'
-    writes the decoder with onnxruntime-genai's model builder (edgemed.export.genai_decoder)."""
+                decoder_builder: str = "torch") -> tuple[list[str], str, str]:
+    """Write the graphs into out_dir. decoder_builder 'genai' writes the decoder with
+    onnxruntime-genai's model builder (edgemed.export.genai_decoder); 'auto' tries the builder and
+    falls back to torch.onnx. Returns the file names written, the exporter that wrote the decoder
+    ('genai' or 'torch') and a sentence saying so (with the reason, after a fallback)."""
     torch = _torch()
+    say = progress or (lambda msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = []
-    if cm.multimodal:
-        jobs.append((VISION, _export_vision))
+    jobs = [(VISION, _export_vision)] if cm.multimodal else []
     jobs += [(EMBED, _export_embed), (DECODER, _export_decoder)]
-    written = []
+    used, decoder_note = "torch", "decoder graph written by torch.onnx (dynamo)"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, fn in jobs:
-            if progress:
-                progress(f"export {name}" + (" (onnxruntime-genai builder)" if name == DECODER and decoder_builder == "genai" else ""))
-            if name == DECODER and decoder_builder == "genai":
-                from edgemed.export.genai_decoder import export_decoder_genai
+            if name == DECODER and decoder_builder in ("genai", "auto"):
+                say(f"export {name} (onnxruntime-genai builder)")
+                try:
+                    _export_decoder_with_builder(cm, out_dir)
+                    used, decoder_note = "genai", "decoder graph written by the onnxruntime-genai model builder"
+                    continue
+                except Exception as e:  # the builder's own limits, e.g. its Phi-3 RoPE variants
+                    if decoder_builder == "genai":
+                        raise
+                    decoder_note = (f"decoder graph written by torch.onnx: the onnxruntime-genai builder failed "
+                                    f"({type(e).__name__}: {str(e)[:200]})")
+            say(f"export {name}")
+            fn(cm, out_dir / name, opset)
+            _tag_components(cm, out_dir / name)
+    return [name for name, _ in jobs], used, decoder_note
 
-                export_decoder_genai(cm, out_dir)
-            else:
-                fn(cm, out_dir / name, opset)
-                _tag_components(cm, out_dir / name)
-            written.append(name)
-    return written
+
+def _export_decoder_with_builder(cm: CompositeModel, out_dir: Path) -> None:
+    from edgemed.export.genai_decoder import export_decoder_genai
+
+    try:
+        export_decoder_genai(cm, out_dir)
+    except Exception:
+        for f in out_dir.glob(DECODER + "*"):  # nothing half-written stays behind
+            f.unlink()
+        raise
 
 
 def _save_kwargs(module) -> dict:

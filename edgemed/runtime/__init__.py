@@ -29,6 +29,12 @@ def open_session(path: Path, manifest: dict, **kwargs):
         from edgemed.runtime.gguf_session import GgufSession
 
         return GgufSession(path, manifest, **kwargs)
+    if fmt == "tensorrt":
+        # TensorRT engines where `edgemed build-engine` built them and tensorrt imports; otherwise
+        # the same Q/DQ ONNX graphs on ONNX Runtime (host parity, a machine without TensorRT).
+        from edgemed.runtime.trt_session import open_tensorrt
+
+        return open_tensorrt(path, manifest, **kwargs)
     raise BadInputError(str(path), f"artifact format '{fmt}' has no runtime in this edgemed version",
                         "re-export with an ONNX recipe (int8, int4, fp16) or a GGUF recipe (q8_0, q4_k_m, ...)")
 

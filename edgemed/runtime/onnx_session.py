@@ -36,7 +36,7 @@ class GenerationResult:
 
 class OnnxSession:
     def __init__(self, path: Path, manifest: dict[str, Any], providers: list[str] | None = None,
-                 intra_op_threads: int | None = None):
+                 intra_op_threads: int | None = None, disabled_optimizers: list[str] | None = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -53,7 +53,8 @@ class OnnxSession:
         providers = providers or ["CPUExecutionProvider"]
 
         def sess(name):
-            return ort.InferenceSession(str(path / name), opts, providers=providers)
+            return ort.InferenceSession(str(path / name), opts, providers=providers,
+                                        disabled_optimizers=disabled_optimizers)
 
         self.decoder = sess("decoder_model_merged.onnx")
         self.embed = sess("embed_tokens.onnx")

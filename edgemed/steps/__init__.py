@@ -2,5 +2,6 @@
 from edgemed.steps.base import STEPS, Step, StepArgs
 from edgemed.steps import onnx_steps  # noqa: F401  (registers onnx-export, onnx-quantize)
 from edgemed.steps import gguf_steps  # noqa: F401  (registers gguf-export, gguf-quantize)
+from edgemed.steps import trt_steps  # noqa: F401  (registers tensorrt-export)
 
 __all__ = ["STEPS", "Step", "StepArgs"]

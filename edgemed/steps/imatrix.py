@@ -63,11 +63,16 @@ class Calibration:
 
 def calibration_set(cm: "CompositeModel", source: str | None, modality: Modality, count: int) -> Calibration:
     """`source`: a folder of medical images (DICOM/NIfTI/PNG/JPEG) with an optional prompts.jsonl
-    ({"prompt": ..., "answer": ...} per line), or None for edgemed's built-in synthetic set."""
+    ({"prompt": ..., "answer": ...} per line), a calibration set by name (`edgemed calib build`,
+    `synthetic-cxr`), or None for edgemed's built-in synthetic radiographs."""
     from edgemed.parity import synthetic_test_image
 
     turns = list(BUILTIN_TURNS)
     images: list[Any] = []
+    if source and not Path(source).is_dir():
+        from edgemed.calib import resolve_calibration_set
+
+        source = str(resolve_calibration_set(source))
     if source:
         root = Path(source)
         if not root.is_dir():

@@ -41,22 +41,22 @@ class OnnxExport(Step):
         from edgemed.export.genai_decoder import builder_unsupported_reason
         from edgemed.export.onnx import export_onnx
 
-        builder = "torch"
-        if self.args.decoder != "torch":
+        builder = self.args.decoder
+        if builder != "torch":
             reason = builder_unsupported_reason(ctx.cm)
-            if reason is None:
-                builder = "genai"
-            elif self.args.decoder == "genai":
+            if reason is not None and builder == "genai":
                 raise BadInputError(f"recipe {ctx.recipe.name}: onnx-export decoder=genai", reason,
                                     "use decoder: auto or torch")
-            else:
+            if reason is not None:
                 ctx.notes.append(f"decoder exported with torch.onnx: {reason}")
-        ctx.notes.append(f"decoder graph written by {'onnxruntime-genai model builder' if builder == 'genai' else 'torch.onnx (dynamo)'}")
-        ctx.runtime["decoder_builder"] = builder
+                builder = "torch"
+        names, used, decoder_note = export_onnx(ctx.cm, ctx.work_dir, opset=self.args.opset,
+                                                progress=ctx.progress, decoder_builder=builder)
+        ctx.notes.append(decoder_note)
+        ctx.runtime["decoder_builder"] = used
         # The builder's GroupQueryAttention reads past and writes present in one shared buffer.
-        ctx.runtime["kv_cache"] = "shared_buffer" if builder == "genai" else "concat"
-        for name in export_onnx(ctx.cm, ctx.work_dir, opset=self.args.opset, progress=ctx.progress,
-                                decoder_builder=builder):
+        ctx.runtime["kv_cache"] = "shared_buffer" if used == "genai" else "concat"
+        for name in names:
             ctx.describe(name, component=_graph_component(name), fmt="onnx", precision="fp32")
 
 
