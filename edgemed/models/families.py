@@ -20,17 +20,9 @@ def _size_of(d, *keys, default=None):
     return default
 
 
-class LlavaAdapter(Adapter):
-    """LLaVA and LLaVA-Med: CLIP or SigLIP tower -> MLP projector -> Llama/Mistral/Qwen2 decoder."""
-
-    family = "llava"
-    model_types = ("llava",)
-
-    @classmethod
-    def model_class(cls):
-        from transformers import LlavaForConditionalGeneration
-
-        return LlavaForConditionalGeneration
+class _TowerProjectorDecoder(Adapter):
+    """The transformers layout model.model.{vision_tower, multi_modal_projector, language_model}
+    + model.lm_head, shared by LLaVA and Gemma 3."""
 
     @classmethod
     def components(cls, model):
@@ -46,6 +38,19 @@ class LlavaAdapter(Adapter):
     @classmethod
     def language_model(cls, model):
         return model.model.language_model
+
+
+class LlavaAdapter(_TowerProjectorDecoder):
+    """LLaVA and LLaVA-Med: CLIP or SigLIP tower -> MLP projector -> Llama/Mistral/Qwen2 decoder."""
+
+    family = "llava"
+    model_types = ("llava",)
+
+    @classmethod
+    def model_class(cls):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
 
     @classmethod
     def image_features(cls, model, pixel_values):
@@ -151,7 +156,7 @@ class Idefics3Adapter(Adapter):
         )
 
 
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(_TowerProjectorDecoder):
     """Gemma 3 / MedGemma: SigLIP tower -> pooled projector -> Gemma3 decoder (scaled embeddings)."""
 
     family = "gemma3"
@@ -162,21 +167,6 @@ class Gemma3Adapter(Adapter):
         from transformers import Gemma3ForConditionalGeneration
 
         return Gemma3ForConditionalGeneration
-
-    @classmethod
-    def components(cls, model):
-        m = model.model
-        return {
-            "vision": m.vision_tower,
-            "projector": m.multi_modal_projector,
-            "embed": m.language_model.embed_tokens,
-            "language": m.language_model,
-            "lm_head": model.lm_head,
-        }
-
-    @classmethod
-    def language_model(cls, model):
-        return model.model.language_model
 
     decoder_token_type_ids = True
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 
 from edgemed.errors import BadInputError
 from edgemed.steps.base import Step, StepArgs
@@ -60,23 +60,27 @@ class OnnxExport(Step):
             ctx.describe(name, component=_graph_component(name), fmt="onnx", precision="fp32")
 
 
+def _block_size(v: int) -> int:
+    """MatMulNBits blocks run along K in powers of two from 16."""
+    if v < 16 or v & (v - 1):
+        raise ValueError("block_size must be a power of two >= 16")
+    return v
+
+
+BlockSize = Annotated[int, AfterValidator(_block_size)]
+
+
 class Int4Args(StepArgs):
     # fmin: affine blocks with a float minimum (llama.cpp's Q4_1 grid), run on ONNX Runtime's fast
     # symmetric MatMulNBits kernel plus a small block-sum correction (see _fmin). rtn, hqq and
     # k_quant are ONNX Runtime's MatMulNBitsQuantizer algorithms (integer zero points; HQQ's
     # float zero points have no fast CPU kernel in ONNX Runtime 1.32: about 10x slower here).
     algorithm: Literal["fmin", "rtn", "hqq", "k_quant"] = "fmin"
-    block_size: int = 32
+    block_size: BlockSize = 32
     symmetric: bool = False
     # 4 = int8 activations inside MatMulNBits: the fastest CPU kernels (ORT docs).
     accuracy_level: int = Field(4, ge=0, le=4)
 
-    @field_validator("block_size")
-    @classmethod
-    def _pow2(cls, v: int) -> int:
-        if v < 16 or v & (v - 1):
-            raise ValueError("block_size must be a power of two >= 16")
-        return v
 
 
 class Int8Args(StepArgs):
@@ -85,18 +89,12 @@ class Int8Args(StepArgs):
     # quantize_dynamic (per-channel weights, one activation scale per tensor), which an
     # outlier-heavy LLM punishes (SmolLM2-135M: KLD 1.27 vs the parent, measured here).
     method: Literal["nbits", "dynamic"] = "nbits"
-    block_size: int = 32
+    block_size: BlockSize = 32
     symmetric: bool = True
     accuracy_level: int = Field(4, ge=0, le=4)
     per_channel: bool = True  # dynamic only
     reduce_range: bool = False  # dynamic only
 
-    @field_validator("block_size")
-    @classmethod
-    def _pow2(cls, v: int) -> int:
-        if v < 16 or v & (v - 1):
-            raise ValueError("block_size must be a power of two >= 16")
-        return v
 
 
 class OnnxQuantizeArgs(StepArgs):
