@@ -216,6 +216,25 @@ def calib_build(
     console.print(f"wrote {output}: {m['count']} images ({mods}){skipped}; sha256 {m['sha256'][:16]}")
 
 
+@app.command("build-engine")
+def build_engine(
+    artifact: Path = typer.Argument(..., help="A tensorrt artifact folder (recipes trt-fp16, trt-int8, trt-int4-awq, trt-fp8)."),
+    graph: List[str] = typer.Option(None, "--graph", help="Build only this graph (e.g. decoder_model_merged.onnx); repeatable."),
+    force: bool = typer.Option(False, "--force", help="Rebuild engines that already exist."),
+):
+    """On the device: build TensorRT engines from the artifact's Q/DQ ONNX and hash them into its manifest."""
+    from edgemed.export.tensorrt import build_engines
+
+    with _progress() as prog:
+        task = prog.add_task("start", total=None)
+        rec = build_engines(artifact, graphs=graph or None, force=force, progress=lambda m: prog.update(task, description=m))
+        prog.update(task, description="done")
+    b = rec["build"]
+    console.print(f"built {len(rec['engines'])} engine(s) with TensorRT {b['tensorrt']} (CUDA {b['cuda_runtime']}, "
+                  f"{b['gpu']} {b['compute_capability']}, L4T {b['l4t']}, power mode "
+                  f"{(b['power_mode'] or {}).get('summary')}); manifest updated")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps edgemed's errors to the exit codes of DESIGN.md."""
     try:

@@ -326,6 +326,8 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
             f"{kv / GB:.2f} GB at {context_tokens} tokens + overhead {overhead / GB:.2f} GB), but {target.name} "
             f"leaves {target.usable_memory_gb:g} GB for a model"
         )
+    if fmt == "tensorrt":
+        reasons += _trt_build_reasons(recipe, target, comps, usable)
     return Plan(
         model=source, family=shape.family, recipe=recipe.name, target=target.name, format=fmt,
         context_tokens=context_tokens, components=comps, artifact_bytes=artifact, kv_cache_bytes=kv,
@@ -333,6 +335,23 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
         usable_memory_bytes=usable, bytes_per_token=per_token, memory_bandwidth_gb_s=target.memory_bandwidth_gb_s,
         decode_ceiling_tok_s=ceiling, feasible=not reasons, reasons=reasons,
     )
+
+
+def _trt_build_reasons(recipe: Recipe, target: Target, comps: dict[str, ComponentEstimate], usable: int) -> list[str]:
+    """`edgemed build-engine` builds one engine per graph; the largest is the decoder (language +
+    lm_head). TensorRT holds the parsed weights and the engine being built at once, plus the builder
+    workspace (the recipe's share of usable memory, capped) and its CUDA context. On a Jetson both
+    copies sit in the one shared DRAM; on a discrete GPU the parsed copy is in host memory."""
+    args = next((s.args for s in recipe.steps if s.step == "tensorrt-export"), {})
+    workspace = min(usable * float(args.get("workspace_fraction", 0.25)), float(args.get("max_workspace_gb", 4.0)) * GB)
+    decoder = sum(c.bytes for n, c in comps.items() if n in ("language", "lm_head"))
+    shared = bool(target.accelerator and target.accelerator.memory_shared_with_cpu)
+    need = decoder * (2 if shared else 1) + workspace + RUNTIME_OVERHEAD_FIXED_BYTES
+    if need <= usable:
+        return []
+    return [f"building the decoder engine needs about {need / GB:.2f} GB (weights {decoder / GB:.2f} GB"
+            f"{' x 2: parsed network and engine share memory' if shared else ''} + builder workspace "
+            f"{workspace / GB:.2f} GB + CUDA context), but {target.name} leaves {target.usable_memory_gb:g} GB"]
 
 
 # --- fix hints: computed, never guessed -----------------------------------------------------

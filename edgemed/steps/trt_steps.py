@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -59,6 +59,10 @@ class TrtExportArgs(StepArgs):
     opset: int = Field(21, ge=19, le=23)
     calibration_samples: int = Field(8, ge=1, le=512)
     int4_block_size: int = 128
+    # rtn: round-to-nearest blocks (max |w| / 7). awq_clip: AWQ's clip search, activation-aware:
+    # per block, the clip ratio that minimizes the output error weighted by the calibration
+    # activations' per-channel second moments (no per-channel pre-scaling, so no extra graph op).
+    int4_algorithm: Literal["rtn", "awq_clip"] = "awq_clip"
     # Shapes the engines are built for (TensorRT fixes the ranges at build time).
     max_context: int = Field(2048, ge=16)
     max_images: int = Field(1, ge=1, le=64)
@@ -97,7 +101,8 @@ class TensorrtExport(Step):
         # export_onnx returns the names, or (names, decoder exporter, note) in newer versions.
         names = written[0] if isinstance(written, tuple) else written
         samples = None
-        if any(getattr(policy, c) in ("int8", "fp8") for c in ("vision", "projector", "language", "lm_head")):
+        calibrated = ("int8", "fp8", "int4") if self.args.int4_algorithm == "awq_clip" else ("int8", "fp8")
+        if any(getattr(policy, c) in calibrated for c in ("vision", "projector", "language", "lm_head")):
             ctx.progress("calibration feeds")
             samples, ctx.calibration = calibration_feeds(ctx, self.args.calibration_samples)
         for name in names:
@@ -216,6 +221,10 @@ def qdq_graph(path: Path, policy, args: TrtExportArgs, feeds: list[dict] | None)
                                 "use fp32, fp16, int8, fp8 or int4 in a TensorRT recipe")
     by_comp = _weight_nodes(model)
     nodes = {p: [n for c, ns in by_comp.items() if wanted.get(c) == p for n in ns] for p in QDQ_PRECISIONS}
+    # Activation statistics for the int4 clip search come from the float graph, before any Q/DQ.
+    act2 = None
+    if nodes["int4"] and args.int4_algorithm == "awq_clip" and feeds:
+        act2 = _input_second_moments(model, nodes["int4"], feeds)
     for prec in ("int8", "fp8"):
         if nodes[prec]:
             if not feeds:
@@ -223,7 +232,10 @@ def qdq_graph(path: Path, policy, args: TrtExportArgs, feeds: list[dict] | None)
                                     "this graph has no calibration feeds; use fp16 or int4 for its components")
             model = _quantize_static(model, path, nodes[prec], prec, feeds, big=_is_big(model))
     if nodes["int4"]:
-        model = _int4_qdq(model, nodes["int4"], args.int4_block_size)
+        if act2 is not None:
+            model = _int4_awq_clip(model, nodes["int4"], args.int4_block_size, act2)
+        else:
+            model = _int4_qdq(model, nodes["int4"], args.int4_block_size)
     fp16 = [c for c, p in wanted.items() if p == "fp16"]
     if fp16:
         model = _fp16(model, fp16, comps)
@@ -243,6 +255,10 @@ def _quantize_static(model, path: Path, nodes: list[str], prec: str, feeds: list
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qtype = QuantType.QInt8 if prec == "int8" else QuantType.QFLOAT8E4M3FN
+    if prec == "fp8":
+        # ORT's float8 calibration (histograms) stacks every sample's tensors into one array, so
+        # the samples must have one sequence length: cut each to the shortest prompt.
+        feeds = _common_length(feeds)
     # Keep the attention-mask Add (and every non-weight op) out of Q/DQ: only the weight
     # MatMul/Gemm/Conv nodes of the chosen components are quantized.
     exclude = [n.name for n in model.graph.node if n.op_type == "Add"]
@@ -261,12 +277,59 @@ def _quantize_static(model, path: Path, nodes: list[str], prec: str, feeds: list
             use_external_data_format=big,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                            "MatMulConstBOnly": True, "AddQDQPairToWeight": False, "DedicatedQDQPair": False,
+                           # Q/DQ on the inputs only, as TensorRT places them: a quantized MatMul
+                           # output would round the logits and feed int8 into the mask Add.
+                           "OpTypesToExcludeOutputQuantization": ["MatMul", "Conv", "Gemm"],
                            "CalibTensorRangeSymmetric": True},
         )
         return onnx.load(str(dst))
 
 
+def _common_length(feeds: list[dict]) -> list[dict]:
+    """Cut every input whose shape differs between samples to the smallest size on each axis that
+    differs (the sequence axis: inputs_embeds, attention_mask, position_ids cut alike)."""
+    out = [dict(f) for f in feeds]
+    for name in feeds[0]:
+        shapes = [f[name].shape for f in feeds if name in f]
+        if len(set(shapes)) <= 1:
+            continue
+        lo = tuple(min(s[a] for s in shapes) for a in range(len(shapes[0])))
+        for f in out:
+            if name in f:
+                f[name] = f[name][tuple(slice(0, n) for n in lo)]
+    return out
+
+
+def _int4_block(k: int, block_size: int) -> int | None:
+    """The recipe's block size if it divides K, else the largest power of two >= 16 that does
+    (TensorRT's INT4 block quantization wants whole blocks along K); None if none does."""
+    b = block_size
+    while b >= 16:
+        if k % b == 0:
+            return b
+        b //= 2
+    return None
+
+
 def _int4_qdq(model, nodes: list[str], block_size: int):
+    """Group the nodes by the block size their K allows, then quantize each group."""
+    inits = {t.name: t for t in model.graph.initializer}
+    groups: dict[int, list[str]] = {}
+    for n in model.graph.node:
+        if n.name in nodes:
+            b = _int4_block(int(inits[n.input[1]].dims[0]), block_size)
+            if b is None:
+                raise BadInputError(n.name, f"K={inits[n.input[1]].dims[0]} is not a multiple of 16, so it cannot be "
+                                    "stored as int4 blocks", "keep this component at int8 or fp16")
+            groups.setdefault(b, []).append(n.name)
+    for b, names in sorted(groups.items(), reverse=True):
+        if b != block_size:
+            log.warning("int4: %d MatMul(s) use block %d (K not a multiple of %d)", len(names), b, block_size)
+        model = _int4_qdq_block(model, names, b)
+    return model
+
+
+def _int4_qdq_block(model, nodes: list[str], block_size: int):
     """Weight-only int4 as DequantizeLinear(INT4 weight, scales, axis=0, block_size) -> MatMul:
     symmetric (no zero point), which TensorRT 10 reads as INT4 weight-only."""
     from onnxruntime.quantization import QuantFormat
@@ -281,6 +344,102 @@ def _int4_qdq(model, nodes: list[str], block_size: int):
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     q.process()
     return q.model.model
+
+
+CLIP_RATIOS = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))  # 1.0 .. 0.5, as llm-awq's search
+
+
+def _input_second_moments(model, nodes: list[str], feeds: list[dict]):
+    """{node: mean x_k^2 over every calibration row} for the activation input of each node, from
+    the float graph (ONNX Runtime with the inputs exposed as extra outputs)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    by_name = {n.name: n for n in model.graph.node}
+    wanted = {name: by_name[name].input[0] for name in nodes}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for t in sorted(set(wanted.values()) - have):
+        probe.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    inputs = {i.name for i in sess.get_inputs()}
+    sums: dict[str, Any] = {}
+    rows: dict[str, int] = {}
+    for f in feeds:
+        outs = dict(zip(names, sess.run(None, {k: v for k, v in f.items() if k in inputs})))
+        for t in set(wanted.values()):
+            x = outs[t].reshape(-1, outs[t].shape[-1]).astype(np.float64)
+            sums[t] = sums.get(t, 0) + (x * x).sum(0)
+            rows[t] = rows.get(t, 0) + x.shape[0]
+    return {name: sums[t] / max(rows[t], 1) for name, t in wanted.items()}
+
+
+def _awq_clip_blocks(w, act2, block_size: int):
+    """int4 codes [K, N] and scales [K/block, N] for W [K, N]: per (block, column), the clip ratio
+    r in CLIP_RATIOS minimizing sum_k E[x_k^2] (w_k - q_k s)^2 with s = r max|w| / 7."""
+    import numpy as np
+
+    k, n = w.shape
+    nb = k // block_size
+    wb = w.reshape(nb, block_size, n).astype(np.float64)
+    a = act2.reshape(nb, block_size, 1)
+    amax = np.abs(wb).max(1)  # [nb, n]
+    best_err = np.full((nb, n), np.inf)
+    best_scale = np.zeros((nb, n))
+    for r in CLIP_RATIOS:
+        scale = np.where(amax > 0, amax * r / 7, 1.0)
+        q = np.clip(np.rint(wb / scale[:, None]), -8, 7)
+        err = (a * (wb - q * scale[:, None]) ** 2).sum(1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+    q = np.clip(np.rint(wb / best_scale[:, None]), -8, 7).astype(np.int8).reshape(k, n)
+    return q, best_scale.astype(np.float32)
+
+
+def _int4_awq_clip(model, nodes: list[str], block_size: int, act2: dict[str, Any]):
+    """Weight-only int4 as DequantizeLinear(INT4 [K, N], fp32 scales [K/block, N], axis 0,
+    block_size) -> MatMul, with activation-aware clipped scales; the same graph form as
+    _int4_qdq (MatMulNBitsQuantizer's QDQ output), so TensorRT reads it the same way."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    wanted = set(nodes)
+    new_nodes, new_inits = [], []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype("float32")
+        b = _int4_block(w.shape[0], block_size)
+        if w.ndim != 2 or b is None:
+            raise BadInputError(node.name, f"weight {list(w.shape)} cannot be stored as int4 blocks along K",
+                                "keep this component at int8 or fp16")
+        q, scales = _awq_clip_blocks(w, act2[node.name], b)
+        qname, sname = f"{node.input[1]}_awq_Q4", f"{node.input[1]}_awq_scales"
+        new_inits += [helper.make_tensor(qname, TensorProto.INT4, list(q.shape), q.reshape(-1).tolist()),
+                      numpy_helper.from_array(scales, sname)]
+        dq = helper.make_node("DequantizeLinear", [qname, sname], [f"{node.name}_awq_w"], name=f"{node.name}_DQ_Q4",
+                              axis=0, block_size=b)
+        node.input[1] = f"{node.name}_awq_w"
+        new_nodes += [dq, node]
+    used = {i for n in new_nodes for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used] + new_inits
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < 21:
+            raise BadInputError("tensorrt-export opset", f"int4 DequantizeLinear needs opset 21, the graph has {op.version}",
+                                "set opset: 21 (the default)")
+    return model
 
 
 def _tag_and_check(model, comps: dict[str, str], nodes: dict[str, list[str]], graph: str) -> None:
@@ -298,6 +457,14 @@ def _tag_and_check(model, comps: dict[str, str], nodes: dict[str, list[str]], gr
             consumers.setdefault(i, []).append(n)
     inits = {t.name: t for t in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
+    # MatMulNBitsQuantizer (QDQ) replaces MatMul 'x' by 'x_matmul_Q4' fed by DequantizeLinear 'x_DQ_Q4'.
+    for n in model.graph.node:
+        for suffix in ("_matmul_Q4", "_DQ_Q4"):
+            base = n.name.removesuffix(suffix)
+            if base != n.name and base in comps:
+                comps.setdefault(n.name, comps[base])
+                if suffix == "_matmul_Q4":
+                    by_name.setdefault(base, n)
 
     def tag(node, comp):
         if comp and not any(p.key == COMPONENT_KEY for p in node.metadata_props):
@@ -305,6 +472,8 @@ def _tag_and_check(model, comps: dict[str, str], nodes: dict[str, list[str]], gr
             e.key, e.value = COMPONENT_KEY, comp
 
     for n in model.graph.node:
+        if n.name in comps:
+            tag(n, comps[n.name])
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
             seen, frontier = set(), [n]
             comp = None
