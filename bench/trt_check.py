@@ -40,8 +40,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("trt_check.json"))
     args = ap.parse_args(argv)
 
-    import numpy as np
-
     from edgemed.artifact import read_manifest, verify
     from edgemed.errors import EdgemedError
     from edgemed.export.tensorrt import build_engines

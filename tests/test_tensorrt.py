@@ -261,6 +261,11 @@ def test_qdq_artifact_runs_on_ort_close_to_fp32(trt_artifact, artifact, recipe, 
         assert {"QuantizeLinear", "DequantizeLinear"} <= vis
     else:
         assert dq_types == {TensorProto.INT4, TensorProto.INT8}  # language int4 weight-only, lm_head int8
+    # Q/DQ feeds only the quantized ops (dedicated pairs): residual Adds and the mask Add read floats.
+    for g in GRAPHS:
+        model = onnx.load(str(out / g))
+        dq_out = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        assert {n.op_type for n in model.graph.node if set(n.input) & dq_out} <= {"MatMul", "Conv", "Gemm"}, g
     # Every Q/DQ node carries its component, like every other node.
     assert all(any(p.key == COMPONENT_KEY for p in n.metadata_props)
                for n in dec.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
@@ -567,11 +572,11 @@ def test_build_engine_and_trt_session_glue_with_a_stand_in(trt_artifact, tmp_pat
     import edgemed.runtime.trt_session as ts
     from edgemed.runtime import load
 
+    out = tmp_path / "a"
+    shutil.copytree(trt_artifact("trt-int8"), out)  # before the stand-in: compress loads transformers
     trt, cudart = _fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(ts, "_cudart", lambda: cudart)
-    out = tmp_path / "a"
-    shutil.copytree(trt_artifact("trt-int8"), out)
     assert main(["build-engine", str(out)]) == 0
     assert main(["build-engine", str(out)]) == 2 and "--force" in capsys.readouterr().err
     assert verify(out) == []
@@ -595,3 +600,14 @@ def test_build_engine_and_trt_session_glue_with_a_stand_in(trt_artifact, tmp_pat
     b_ = ort_s.generate(synthetic_test_image(), "Any effusion?", max_new_tokens=6, stop_at_eos=False)
     assert a.token_ids == b_.token_ids and len(a.token_ids) == 6
     trt_s.close()
+
+
+def test_a_quantizer_that_ignores_the_policy_is_caught(tmp_path, monkeypatch):
+    import edgemed.steps.trt_steps as ts
+    from edgemed.errors import EdgemedError
+
+    src = tmp_path / "g.onnx"
+    feeds = _tiny_graph(src)
+    monkeypatch.setattr(ts, "_int4_qdq", lambda model, nodes, block: model)  # silently does nothing
+    with pytest.raises(EdgemedError, match="lang_mm .*wanted int4, got float"):
+        qdq_graph(src, ComponentPolicy(language="int4"), TrtExportArgs(int4_algorithm="rtn"), feeds)

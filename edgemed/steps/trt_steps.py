@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from edgemed.errors import BadInputError, EdgemedError
 from edgemed.steps.base import Step, StepArgs
-from edgemed.steps.onnx_steps import GRAPHS, _fold_weight_transposes, _fp16, _graph_component, _save
+from edgemed.steps.onnx_steps import _fold_weight_transposes, _fp16, _graph_component, _save
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.pipeline import Context
@@ -97,9 +97,9 @@ class TensorrtExport(Step):
         ctx.runtime["decoder_builder"] = "torch"
         ctx.runtime["kv_cache"] = "concat"
         ctx.notes.append("decoder graph written by torch.onnx (dynamo): TensorRT cannot parse the genai builder's contrib ops")
-        written = export_onnx(ctx.cm, ctx.work_dir, opset=self.args.opset, progress=ctx.progress, decoder_builder="torch")
-        # export_onnx returns the names, or (names, decoder exporter, note) in newer versions.
-        names = written[0] if isinstance(written, tuple) else written
+        names, _, note = export_onnx(ctx.cm, ctx.work_dir, opset=self.args.opset, progress=ctx.progress,
+                                     decoder_builder="torch")
+        ctx.notes.append(note)
         samples = None
         calibrated = ("int8", "fp8", "int4") if self.args.int4_algorithm == "awq_clip" else ("int8", "fp8")
         if any(getattr(policy, c) in calibrated for c in ("vision", "projector", "language", "lm_head")):
@@ -123,8 +123,10 @@ class TensorrtExport(Step):
 
 # --- calibration ---------------------------------------------------------------------------------
 
-def calibration_feeds(ctx: "Context", count: int) -> tuple[dict[str, list[dict]], dict[str, Any]]:
-    """Real inputs for each graph from a small deterministic set: synthetic radiographs
+def calibration_feeds(ctx: "Context", count: int, samples: list[tuple[Any, str]] | None = None,
+                      source: str | None = None) -> tuple[dict[str, list[dict]], dict[str, Any]]:
+    """Real inputs for each graph. `samples` is [(PIL image or None, prompt)], e.g. from a
+    calibration set; by default a small deterministic set: synthetic radiographs
     (edgemed.parity.synthetic_test_image, one seed per sample) and built-in prompts, half with the
     image. The fp32 graphs just written produce the decoder's inputs_embeds, so the decoder is
     calibrated on exactly what it will see (prefill with an empty past)."""
@@ -141,12 +143,17 @@ def calibration_feeds(ctx: "Context", count: int) -> tuple[dict[str, list[dict]]
     dec_inputs = {i.name for i in session.decoder.get_inputs()}
     feeds: dict[str, list[dict]] = {"vision_encoder.onnx": [], "embed_tokens.onnx": [], "decoder_model_merged.onnx": []}
     listing = []
-    for i in range(count):
-        prompt = CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]
-        with_image = cm.multimodal and i % 2 == 0
+    if samples is None:
+        samples = [(synthetic_test_image(size=max(96, cm.image.image_size), seed=i) if cm.multimodal and i % 2 == 0
+                    else None, CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)]) for i in range(count)]
+        names = [f"synthetic_test_image(seed={i})" if img is not None else "text" for i, (img, _) in enumerate(samples)]
+    else:
+        names = [f"image[{i}]" if img is not None else "text" for i, (img, _) in enumerate(samples)]
+    for i, (image, prompt) in enumerate(samples):
+        with_image = cm.multimodal and image is not None
         feats = None
         if with_image:
-            pv = session.pixel_values(synthetic_test_image(size=max(96, cm.image.image_size), seed=i))
+            pv = session.pixel_values(image)
             feeds["vision_encoder.onnx"].append({"pixel_values": pv})
             feats = session.encode_image(pv)
         ids = session.prompt_ids(prompt, with_image)
@@ -159,10 +166,10 @@ def calibration_feeds(ctx: "Context", count: int) -> tuple[dict[str, list[dict]]
             dec["token_type_ids"] = (ids == cm.image.image_token_id).astype(np.int64)[None] if cm.image else np.zeros((1, s), np.int64)
         dec.update(session.empty_past().arrays)
         feeds["decoder_model_merged.onnx"].append(dec)
-        listing.append(f"synthetic_test_image(seed={i})|{prompt}" if with_image else f"text|{prompt}")
+        listing.append(f"{names[i] if with_image else 'text'}|{prompt}")
     del session
-    record = {"source": "edgemed built-in: synthetic radiographs (edgemed.parity.synthetic_test_image) + prompts",
-              "count": count, "modalities": ["image", "text"] if cm.multimodal else ["text"],
+    record = {"source": source or "edgemed built-in: synthetic radiographs (edgemed.parity.synthetic_test_image) + prompts",
+              "count": len(samples), "modalities": ["image", "text"] if cm.multimodal else ["text"],
               "sha256": hashlib.sha256("\n".join(listing).encode()).hexdigest(), "used_by": "tensorrt-export (int8/fp8 activation scales)"}
     return feeds, record
 
@@ -276,7 +283,10 @@ def _quantize_static(model, path: Path, nodes: list[str], prec: str, feeds: list
             calibrate_method=CalibrationMethod.MinMax if prec == "int8" else CalibrationMethod.Distribution,
             use_external_data_format=big,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                           "MatMulConstBOnly": True, "AddQDQPairToWeight": False, "DedicatedQDQPair": False,
+                           "MatMulConstBOnly": True, "AddQDQPairToWeight": False,
+                           # One Q/DQ pair per quantized consumer: a residual Add or Reshape that
+                           # reads the same activation keeps reading the float tensor.
+                           "DedicatedQDQPair": True,
                            # Q/DQ on the inputs only, as TensorRT places them: a quantized MatMul
                            # output would round the logits and feed int8 into the mask Add.
                            "OpTypesToExcludeOutputQuantization": ["MatMul", "Conv", "Gemm"],
@@ -495,17 +505,11 @@ def _tag_and_check(model, comps: dict[str, str], nodes: dict[str, list[str]], gr
             dq = producers.get(node.input[1]) if node is not None else None
             if dq is not None and dq.op_type in ("Reshape", "Transpose"):
                 dq = producers.get(dq.input[0])
-            q = inits.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is None:
-                qn = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-                q = inits.get(qn.input[0]) if qn is not None else None
-                got = "float" if q is None else f"Q/DQ of a float weight"
-                if qn is not None and qn.op_type == "QuantizeLinear":
-                    continue  # weights quantized at run time (AddQDQPairToWeight): still Q/DQ
-            else:
-                got = TensorProto.DataType.Name(q.data_type)
-                if q.data_type == want_type[prec]:
-                    continue
+            # The weight must be stored quantized (an initializer of the wanted type read by a DQ).
+            stored = inits.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if stored is not None and stored.data_type == want_type[prec]:
+                continue
+            got = "float" if stored is None else TensorProto.DataType.Name(stored.data_type)
             wrong.append(f"{name} ({comps.get(name)}): wanted {prec}, got {got}")
     contrib = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if wrong or contrib:
