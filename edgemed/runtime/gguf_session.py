@@ -26,8 +26,8 @@ import numpy as np
 
 from edgemed.errors import BadInputError, MissingDependencyError
 from edgemed.runtime.onnx_session import GenerationResult
-from edgemed.runtime.preprocess import as_image, preprocess
-from edgemed.runtime.prompt import render_prompt
+from edgemed.runtime.preprocess import as_image
+from edgemed.runtime.prompt import PromptAndPixels, render_prompt
 
 CLIP_CLS_ISSUE = ("ggml-org/llama.cpp#25814: clip.cpp appends the CLIP class token after the patches instead of "
                   "before them, so this tower's image embeddings are wrong upstream")
@@ -63,7 +63,7 @@ def check_gguf_file(path: Path, expected_bytes: int | None = None) -> None:
                             "re-copy the artifact, or check it with `edgemed inspect --verify`")
 
 
-class GgufSession:
+class GgufSession(PromptAndPixels):
     """kv_f32: an F32 KV cache (default) so parity measures the weights, not KV rounding; pass
     kv_f32=False to time the F16 cache llama.cpp deploys with."""
 
@@ -128,16 +128,6 @@ class GgufSession:
             pass
 
     # --- building blocks (parity and the benchmark use them) -------------------------------------------
-    def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray:
-        text = render_prompt(self.chat_template, prompt, self.image if with_image else None,
-                             bos_token=self.text.get("bos_token"))
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-
-    def pixel_values(self, image) -> np.ndarray:
-        if self.image is None:
-            raise BadInputError("image", "this artifact's model is text-only", "call generate() without an image")
-        return preprocess(image, self.image)
-
     def _mtmd_ctx(self):
         if self._mtmd is None:
             if self.mmproj_path is None:

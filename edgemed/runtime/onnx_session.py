@@ -8,8 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgemed.runtime.preprocess import preprocess
-from edgemed.runtime.prompt import render_prompt
+from edgemed.runtime.prompt import PromptAndPixels
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -34,7 +33,7 @@ class GenerationResult:
         return (t[-1] - t[0]) / (len(t) - 1) * 1e3 if len(t) > 1 else None
 
 
-class OnnxSession:
+class OnnxSession(PromptAndPixels):
     def __init__(self, path: Path, manifest: dict[str, Any], providers: list[str] | None = None,
                  intra_op_threads: int | None = None, disabled_optimizers: list[str] | None = None):
         import onnxruntime as ort
@@ -69,18 +68,6 @@ class OnnxSession:
         self.eos = set(self.text.get("eos_token_ids") or [])
 
     # --- building blocks (also used by parity and the benchmark) ------------------------------
-    def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray:
-        text = render_prompt(self.chat_template, prompt, self.image if with_image else None,
-                             bos_token=self.text.get("bos_token"))
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-
-    def pixel_values(self, image) -> np.ndarray:
-        if self.image is None:
-            from edgemed.errors import BadInputError
-
-            raise BadInputError("image", "this artifact's model is text-only", "call generate() without an image")
-        return preprocess(image, self.image)
-
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.vision.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 

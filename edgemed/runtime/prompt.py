@@ -36,3 +36,24 @@ def render_prompt(chat_template: str | None, prompt: str, image: dict[str, Any] 
         messages=[{"role": "user", "content": content}], add_generation_prompt=True,
         bos_token=bos_token or "", eos_token="",
     )
+
+
+class PromptAndPixels:
+    """prompt_ids() and pixel_values() for sessions that hold a `tokenizers.Tokenizer`
+    (`self.tokenizer`), the manifest's `self.chat_template`, `self.text` and `self.image` facts:
+    the ONNX, GGUF and TensorRT sessions build inputs identically, so parity compares like with like."""
+
+    def prompt_ids(self, prompt: str, with_image: bool):
+        import numpy as np
+
+        text = render_prompt(self.chat_template, prompt, self.image if with_image else None,
+                             bos_token=self.text.get("bos_token"))
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def pixel_values(self, image):
+        from edgemed.errors import BadInputError
+        from edgemed.runtime.preprocess import preprocess
+
+        if self.image is None:
+            raise BadInputError("image", "this artifact's model is text-only", "call generate() without an image")
+        return preprocess(image, self.image)

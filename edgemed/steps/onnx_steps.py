@@ -160,12 +160,7 @@ def _fold_weight_transposes(model) -> int:
         used = {i for n in model.graph.node for i in n.input}
         outs = {o.name for o in model.graph.output}
         keep = [n for n in model.graph.node if n.op_type != "Transpose" or any(o in used or o in outs for o in n.output)]
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
-        used = {i for n in model.graph.node for i in n.input}
-        keep_init = [t for t in model.graph.initializer if t.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep_init)
+        replace_nodes(model, keep, [])
     return folded
 
 
@@ -207,6 +202,17 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs) -> dict[str, str]
     _retag_and_check(model, comps, by_prec, path.name)
     _save(model, path)
     return wanted
+
+
+def replace_nodes(model, nodes: list, new_initializers: list) -> None:
+    """Make `nodes` the graph's node list, add `new_initializers`, and drop the initializers no
+    node reads any more (the float weights a quantizer replaced)."""
+    used = {i for n in nodes for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used] + list(new_initializers)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 def _retag_and_check(model, comps: dict[str, str], by_prec: dict[str, list[str]], graph: str) -> None:
@@ -318,12 +324,7 @@ def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
         ]
     if rtn_fallback:
         log.warning("fmin: K not a multiple of %d for %d MatMul(s); they use rtn", block_size, len(rtn_fallback))
-    used = {i for nd in new_nodes for i in nd.input}
-    keep = [t for t in model.graph.initializer if t.name in used] + new_inits
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    replace_nodes(model, new_nodes, new_inits)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     if rtn_fallback:

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from edgemed.errors import BadInputError, EdgemedError
 from edgemed.steps.base import Step, StepArgs
-from edgemed.steps.onnx_steps import _fold_weight_transposes, _fp16, _graph_component, _save
+from edgemed.steps.onnx_steps import _fold_weight_transposes, _fp16, _graph_component, _save, replace_nodes
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.pipeline import Context
@@ -439,12 +439,7 @@ def _int4_awq_clip(model, nodes: list[str], block_size: int, act2: dict[str, Any
                               axis=0, block_size=b)
         node.input[1] = f"{node.name}_awq_w"
         new_nodes += [dq, node]
-    used = {i for n in new_nodes for i in n.input}
-    keep = [t for t in model.graph.initializer if t.name in used] + new_inits
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    replace_nodes(model, new_nodes, new_inits)
     for op in model.opset_import:
         if op.domain in ("", "ai.onnx") and op.version < 21:
             raise BadInputError("tensorrt-export opset", f"int4 DequantizeLinear needs opset 21, the graph has {op.version}",
