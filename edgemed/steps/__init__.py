@@ -3,5 +3,6 @@ from edgemed.steps.base import STEPS, Step, StepArgs
 from edgemed.steps import onnx_steps  # noqa: F401  (registers onnx-export, onnx-quantize)
 from edgemed.steps import gguf_steps  # noqa: F401  (registers gguf-export, gguf-quantize)
 from edgemed.steps import trt_steps  # noqa: F401  (registers tensorrt-export)
+from edgemed.steps import prune  # noqa: F401  (registers prune-depth, prune-width)
 
 __all__ = ["STEPS", "Step", "StepArgs"]

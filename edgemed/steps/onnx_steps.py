@@ -75,11 +75,14 @@ class Int4Args(StepArgs):
     # symmetric MatMulNBits kernel plus a small block-sum correction (see _fmin). rtn, hqq and
     # k_quant are ONNX Runtime's MatMulNBitsQuantizer algorithms (integer zero points; HQQ's
     # float zero points have no fast CPU kernel in ONNX Runtime 1.32: about 10x slower here).
-    algorithm: Literal["fmin", "rtn", "hqq", "k_quant"] = "fmin"
+    # gptq: edgemed's GPTQ on the rtn grid, from calibration passes through the decoder graph
+    # (edgemed.steps.gptq); decoder graph only, other graphs use rtn.
+    algorithm: Literal["fmin", "rtn", "gptq", "hqq", "k_quant"] = "fmin"
     block_size: BlockSize = 32
     symmetric: bool = False
     # 4 = int8 activations inside MatMulNBits: the fastest CPU kernels (ORT docs).
     accuracy_level: int = Field(4, ge=0, le=4)
+    calibration_samples: int = Field(16, ge=1, le=1024)  # gptq only
 
 
 
@@ -119,7 +122,10 @@ class OnnxQuantize(Step):
             if not path.exists():
                 continue
             ctx.progress(f"quantize {graph}")
-            precisions = quantize_graph(path, policy, self.args)
+            feeds = None
+            if graph == "decoder_model_merged.onnx" and self.args.int4.algorithm == "gptq":
+                feeds = lambda: _decoder_feeds(ctx, self.args.int4.calibration_samples)  # noqa: E731
+            precisions = quantize_graph(path, policy, self.args, feeds)
             ctx.describe(graph, component=_graph_component(graph), fmt="onnx",
                          precision="+".join(sorted(set(precisions.values()))) or "fp32")
 
@@ -164,8 +170,9 @@ def _fold_weight_transposes(model) -> int:
     return folded
 
 
-def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs) -> dict[str, str]:
-    """Quantize one graph in place. Returns {component: precision} for the components present."""
+def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds=None) -> dict[str, str]:
+    """Quantize one graph in place. Returns {component: precision} for the components present.
+    calibration_feeds: a callable giving input feeds for this graph (needed by gptq)."""
     import onnx
 
     from edgemed.export.onnx import node_components
@@ -188,6 +195,10 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs) -> dict[str, str]
     if by_prec.get("int4"):
         if args.int4.algorithm == "fmin":
             model = _fmin(model, by_prec["int4"], args.int4.block_size, args.int4.accuracy_level)
+        elif args.int4.algorithm == "gptq" and calibration_feeds is not None:
+            model = _gptq(model, by_prec["int4"], args.int4.block_size, args.int4.accuracy_level, calibration_feeds())
+        elif args.int4.algorithm == "gptq":
+            model = _nbits(model, by_prec["int4"], 4, args.int4.block_size, False, args.int4.accuracy_level, "rtn")
         else:
             model = _nbits(model, by_prec["int4"], 4, args.int4.block_size, args.int4.symmetric,
                            args.int4.accuracy_level, args.int4.algorithm)
@@ -330,6 +341,75 @@ def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
     if rtn_fallback:
         model = _nbits(model, rtn_fallback, 4, block_size, False, accuracy_level, "rtn")
     return model
+
+
+def _gptq(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: list[dict]):
+    """GPTQ on the asymmetric MatMulNBits grid (edgemed.steps.gptq) for exactly `nodes`."""
+    from onnx import helper, numpy_helper
+
+    from edgemed.steps.gptq import gptq_quantize, hessians, matmulnbits_initializers
+
+    wanted = set(nodes)
+    inits = {t.name: t for t in model.graph.initializer}
+    targets = [n for n in model.graph.node if n.name in wanted]
+    h = hessians(model, sorted({n.input[0] for n in targets}), feeds)
+    new_nodes, new_inits, rtn_fallback = [], [], []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        k, n = w.shape
+        if k % block_size:
+            rtn_fallback.append(node.name)
+            new_nodes.append(node)
+            continue
+        q, scales, zps = gptq_quantize(w, h[node.input[0]], block_size)
+        new_inits += matmulnbits_initializers(node.name, q, scales, zps, block_size)
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", [node.input[0], f"{node.name}.q4", f"{node.name}.scales", f"{node.name}.zero_points"],
+            list(node.output), name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4,
+            block_size=block_size, accuracy_level=accuracy_level))
+    replace_nodes(model, new_nodes, new_inits)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    if rtn_fallback:
+        model = _nbits(model, rtn_fallback, 4, block_size, False, accuracy_level, "rtn")
+    return model
+
+
+def _decoder_feeds(ctx: "Context", count: int) -> list[dict]:
+    """Prefill feeds for the decoder graph from the recipe's calibration set: each prompt (with its
+    image where the model has a vision tower) embedded by the PyTorch model, an empty past."""
+    import numpy as np
+    import torch
+
+    from edgemed.steps.imatrix import calibration_set
+
+    cm = ctx.cm
+    calib = calibration_set(cm, ctx.recipe.calibration, "multimodal" if cm.multimodal else "text", count)
+    embed = cm.adapter.embed_tokens(cm.model)
+    t = cm.text
+    feeds = []
+    for prompt, answer, image in calib.samples:
+        with_image = image is not None and cm.multimodal
+        ids = torch.tensor(cm.tokenizer(cm.build_prompt(prompt, with_image) + answer, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            emb = embed(ids[None]).float()
+            image_mask = ids == cm.image.image_token_id if cm.multimodal else torch.zeros_like(ids, dtype=torch.bool)
+            if with_image:
+                from edgemed.runtime.preprocess import preprocess
+
+                pv = torch.from_numpy(preprocess(image, cm.image.to_dict()))
+                emb[0, image_mask] = cm.image_features(pv).reshape(-1, emb.shape[-1])
+        n = len(ids)
+        feed = {"inputs_embeds": emb.numpy(), "attention_mask": np.ones((1, n), np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None], "token_type_ids": image_mask.numpy()[None].astype(np.int64)}
+        for i in range(t.num_layers):
+            for kv in ("key", "value"):
+                feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, t.num_kv_heads, 0, t.head_dim), np.float32)
+        feeds.append(feed)
+    return feeds
 
 
 def _int8_dynamic(model, path: Path, nodes: list[str], a: Int8Args):

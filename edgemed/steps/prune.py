@@ -1,0 +1,354 @@
+"""Structured pruning of the language model: fewer blocks (depth) or narrower FFNs (width).
+
+Unstructured and 2:4 sparsity leave every matrix its dense shape, so ONNX Runtime and llama.cpp
+on CPU read and multiply the same bytes as before. Structured pruning removes whole blocks or
+whole FFN channels: the pruned model is the same architecture with a smaller `num_hidden_layers`
+or `intermediate_size`, every exporter takes it unchanged, and each decoded token reads and
+computes proportionally less.
+
+- prune-depth: drops the decoder blocks that change their input least on calibration passes,
+  by Block Influence BI = 1 - cos(h_in, h_out) averaged over tokens (ShortGPT, Men et al. 2024).
+- prune-width: drops the FFN intermediate channels whose contribution to the block output is
+  smallest, scored Wanda-style as ||x_j||_2 * ||W_down[:, j]||_2 where x_j is the channel's
+  SiLU(gate) * up activation on calibration tokens (Sun et al. 2023; Minitron ranks the same way).
+
+Both record in the manifest (runtime.pruning) the parameters before and after, what was removed
+and the KL divergence of the pruned PyTorch model against the unpruned one on the parity prompts:
+that is the quality cost of pruning, while the artifact's own parity compares it with the pruned
+parent (exporter fidelity).
+"""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from edgemed.errors import BadInputError
+from edgemed.steps.base import Step, StepArgs
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgemed.pipeline import Context
+
+# Decoders whose blocks are `layers[i].{self_attn, mlp.{gate,up,down}_proj}` with separate gate
+# and up projections. Phi-3 fuses gate_up_proj and Gemma 3 scales/normalises differently per
+# block (and interleaves sliding layers by position), so they are refused rather than half-handled.
+SUPPORTED_DECODERS = ("llama", "mistral", "qwen2")
+
+
+def _text_configs(*configs) -> list:
+    """The distinct text-config objects among the given (composite or text) configs."""
+    out: list = []
+    for c in configs:
+        if c is None:
+            continue
+        tc = getattr(c, "text_config", None) or c
+        if all(tc is not o for o in out):
+            out.append(tc)
+    return out
+
+
+def check_supported(config, what: str) -> None:
+    """BadInputError before any heavy work when the language model is not a supported decoder."""
+    tc = getattr(config, "text_config", None) or config
+    mt = getattr(tc, "model_type", None)
+    if mt not in SUPPORTED_DECODERS:
+        raise BadInputError(
+            what, f"structured pruning supports language models of type {', '.join(SUPPORTED_DECODERS)}, "
+            f"not '{mt}'",
+            "use a Llama/Mistral/Qwen2-based model (plain, LLaVA or Idefics3/SmolVLM), or drop the prune recipe",
+        )
+
+
+def depth_plan(num_layers: int, fraction: float, what: str) -> int:
+    """How many blocks to drop; the first and the last block always stay."""
+    n_drop = int(round(fraction * num_layers))
+    if n_drop < 1:
+        raise BadInputError(what, f"fraction {fraction} of {num_layers} blocks drops no block",
+                            f"use fraction >= {0.5 / num_layers:.3g}")
+    if n_drop > num_layers - 2:
+        raise BadInputError(what, f"fraction {fraction} would drop {n_drop} of {num_layers} blocks, "
+                            "but the first and the last block are kept",
+                            f"use fraction <= {(num_layers - 2) / num_layers:.3g}")
+    return n_drop
+
+
+def block_params(tc, intermediate_size: int | None = None) -> int:
+    """Parameters of one decoder block from its config (attention, FFN, two norms)."""
+    h, heads = tc.hidden_size, tc.num_attention_heads
+    hd = getattr(tc, "head_dim", None) or h // heads
+    kv = getattr(tc, "num_key_value_heads", None) or heads
+    i = tc.intermediate_size if intermediate_size is None else intermediate_size
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    if tc.model_type == "qwen2" or getattr(tc, "attention_bias", False):
+        attn += heads * hd + 2 * kv * hd + (h if getattr(tc, "attention_bias", False) else 0)
+    ffn = 3 * h * i + ((2 * i + h) if getattr(tc, "mlp_bias", False) else 0)
+    return attn + ffn + 2 * h
+
+
+def width_plan(tc, fraction: float, of: str, multiple_of: int, what: str) -> int:
+    """The new intermediate size.
+
+    Rounded to a multiple of `multiple_of` (32 by default) because the pruned size becomes the K
+    dimension of down_proj, and the block quantizers split K into blocks: GGUF Q8_0/Q4_0 and ONNX
+    Runtime MatMulNBits use blocks of 32 (llama.cpp's k-quants want 256 and fall back to another
+    type for tensors whose rows do not divide)."""
+    inter = tc.intermediate_size
+    if of == "ffn_channels":
+        target = inter * (1 - fraction)
+    else:  # the share of the whole block's parameters, taken from FFN channels alone
+        per_channel = (block_params(tc, inter) - block_params(tc, inter - 1))
+        target = inter - fraction * block_params(tc) / per_channel
+    new = int(round(target / multiple_of)) * multiple_of
+    if new >= inter:
+        raise BadInputError(what, f"fraction {fraction} removes no multiple of {multiple_of} channels from "
+                            f"intermediate_size {inter}", "use a larger fraction or a smaller multiple_of")
+    if new < multiple_of:
+        raise BadInputError(what, f"fraction {fraction} of the {of.replace('_', ' ')} leaves fewer than {multiple_of} "
+                            f"of {inter} FFN channels", "use a smaller fraction")
+    return new
+
+
+class PruneArgs(StepArgs):
+    # (0, 1) exclusive: 0 prunes nothing and 1 would leave no model.
+    fraction: float = Field(..., gt=0, lt=1)
+    # Calibration passes through the parent for the importance scores (prompts + answers, images
+    # for a VLM), from the recipe's calibration set or edgemed's built-in one.
+    calibration_count: int = Field(16, ge=1, le=4096)
+
+
+class PruneWidthArgs(PruneArgs):
+    # block_params: fraction of each decoder block's parameters to remove (taken from FFN
+    # channels, so `prune-width-25` and `prune-depth-25` both leave ~75% of the block parameters);
+    # ffn_channels: fraction of the FFN channels themselves.
+    of: Literal["block_params", "ffn_channels"] = "block_params"
+    importance: Literal["wanda", "activation"] = "wanda"
+    multiple_of: int = Field(32, ge=1, le=1024)
+
+
+class _Prune(Step):
+    stage = "model"
+
+    def _what(self) -> str:
+        return f"step {self.name} fraction={self.args.fraction}"
+
+    def run(self, ctx: "Context") -> None:
+        import torch
+
+        cm = ctx.cm
+        check_supported(cm.config, self._what())
+        lm = cm.adapter.language_model(cm.model)
+        before = self._params(cm, lm)
+        ref = _parity_logits(cm)
+        calib = self._calibration(ctx)
+        with torch.no_grad():
+            record = self.transform(ctx, lm, calib)
+        for tc in _text_configs(cm.config, cm.model.config, lm.config):
+            self.update_config(tc, record)
+        cm.text.num_layers = len(lm.layers)
+        after = self._params(cm, lm)
+        from edgemed.parity import compare_logits
+
+        got = _parity_logits(cm)
+        kld = compare_logits(np.concatenate(ref), np.concatenate(got))
+        ctx.runtime["pruning"] = {
+            **ctx.runtime.get("pruning", {}),
+            self.name: {
+                "args": self.args.model_dump(mode="json"),
+                **record,
+                "params_before": before,
+                "params_after": after,
+                "block_params_ratio": after["blocks"] / before["blocks"],
+                # Quality cost: the pruned PyTorch model against the unpruned one on the parity
+                # prompts, every position. The artifact's `parity` is against the pruned model.
+                "kld_vs_unpruned": kld,
+                "calibration": calib.record(),
+            },
+        }
+        if ctx.calibration is None:
+            ctx.calibration = calib.record()
+        ctx.notes.append(f"{self.name}: language block parameters {before['blocks']} -> {after['blocks']} "
+                         f"({after['blocks'] / before['blocks']:.1%}); KLD vs unpruned {kld['kld_mean']:.4g}")
+
+    # --- shared ------------------------------------------------------------------------------
+    def _params(self, cm, lm) -> dict[str, int]:
+        from edgemed.models.base import count_params
+
+        counts = cm.component_params()
+        return {"blocks": count_params(lm.layers), "language": counts["language"], "total": sum(counts.values()),
+                "num_layers": len(lm.layers), "intermediate_size": int(lm.layers[0].mlp.down_proj.in_features)}
+
+    def _calibration(self, ctx: "Context"):
+        from edgemed.steps.imatrix import calibration_set
+
+        cm = ctx.cm
+        return calibration_set(cm, ctx.recipe.calibration, "multimodal" if cm.multimodal else "text",
+                               self.args.calibration_count)
+
+    def plan_config(self, config):
+        """The config of the pruned model, so `plan` counts what will be exported."""
+        check_supported(config, self._what())
+        config = copy.deepcopy(config)
+        for tc in _text_configs(config):
+            self.update_config(tc, self.planned_record(tc))
+        return config
+
+    def transform(self, ctx, lm, calib) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def planned_record(self, tc) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update_config(self, tc, record: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _run_calibration(cm, calib) -> int:
+    """Forward every calibration sample (prompt + answer, image for a VLM) through the parent."""
+    from edgemed.parity import parent_logits
+    from edgemed.runtime.preprocess import preprocess
+
+    tokens = 0
+    for prompt, answer, image in calib.samples:
+        text = cm.build_prompt(prompt, image is not None) + answer
+        ids = np.asarray(cm.tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+        pv = preprocess(image, cm.image.to_dict()) if image is not None else None
+        parent_logits(cm, ids, pv)
+        tokens += len(ids)
+    return tokens
+
+
+def _parity_logits(cm) -> list[np.ndarray]:
+    """Logits on the parity prompts (the parity image on even prompts, as check_parity does)."""
+    from edgemed.bench.parent import ParentSession
+    from edgemed.parity import PARITY_PROMPTS, parent_logits, synthetic_test_image
+
+    s = ParentSession(cm)
+    pv = s.pixel_values(synthetic_test_image()) if cm.multimodal else None
+    out = []
+    for i, prompt in enumerate(PARITY_PROMPTS):
+        with_image = pv is not None and i % 2 == 0
+        out.append(parent_logits(cm, s.prompt_ids(prompt, with_image), pv if with_image else None))
+    return out
+
+
+class PruneDepth(_Prune):
+    name = "prune-depth"
+    summary = "drop whole decoder blocks of the language model by Block Influence (1 - cos(in, out))"
+    Args = PruneArgs
+
+    def planned_record(self, tc) -> dict[str, Any]:
+        n = tc.num_hidden_layers
+        n_drop = depth_plan(n, self.args.fraction, self._what())
+        # Which blocks go is known only after calibration; for counting, any n_drop middle blocks.
+        return {"kept_layers": [0, *range(n_drop + 1, n)], "num_layers_before": n}
+
+    def transform(self, ctx, lm, calib) -> dict[str, Any]:
+        import torch
+
+        layers = lm.layers
+        n = len(layers)
+        n_drop = depth_plan(n, self.args.fraction, self._what())
+        influence = torch.zeros(n, dtype=torch.float64)
+        counts = torch.zeros(n, dtype=torch.float64)
+
+        def hook(i):
+            def fn(mod, args, kwargs, out):
+                h_in = args[0] if args else kwargs["hidden_states"]
+                h_out = out[0] if isinstance(out, tuple) else out
+                a = h_in.detach().reshape(-1, h_in.shape[-1]).double()
+                b = h_out.detach().reshape(-1, h_out.shape[-1]).double()
+                influence[i] += (1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).sum()
+                counts[i] += a.shape[0]
+            return fn
+
+        handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            ctx.progress(f"prune-depth: block influence over {len(calib.samples)} calibration passes")
+            tokens = _run_calibration(ctx.cm, calib)
+        finally:
+            for h in handles:
+                h.remove()
+        bi = (influence / counts.clamp(min=1)).tolist()
+        middle = sorted(range(1, n - 1), key=lambda i: bi[i])
+        dropped = sorted(middle[:n_drop])
+        keep = [i for i in range(n) if i not in dropped]
+        lm.layers = torch.nn.ModuleList([layers[i] for i in keep])
+        # The KV cache is indexed by layer_idx: renumber so cache slot i is block i of the pruned model.
+        for new_idx, layer in enumerate(lm.layers):
+            layer.self_attn.layer_idx = new_idx
+        return {"kept_layers": keep, "dropped_layers": dropped, "num_layers_before": n,
+                "block_influence": [round(float(v), 6) for v in bi], "calibration_tokens": tokens}
+
+    def update_config(self, tc, record: dict[str, Any]) -> None:
+        keep = record["kept_layers"]
+        lt = getattr(tc, "layer_types", None)
+        if lt is not None and len(lt) == record["num_layers_before"]:
+            tc.layer_types = [lt[i] for i in keep]
+        if getattr(tc, "max_window_layers", None) is not None:  # Qwen2: sliding from this layer on
+            tc.max_window_layers = min(tc.max_window_layers, len(keep))
+        tc.num_hidden_layers = len(keep)
+
+
+class PruneWidth(_Prune):
+    name = "prune-width"
+    summary = "remove FFN channels of the language model by activation importance (Wanda-style)"
+    Args = PruneWidthArgs
+
+    def planned_record(self, tc) -> dict[str, Any]:
+        a = self.args
+        return {"intermediate_size": width_plan(tc, a.fraction, a.of, a.multiple_of, self._what())}
+
+    def transform(self, ctx, lm, calib) -> dict[str, Any]:
+        import torch
+
+        a = self.args
+        tc = ctx.cm.adapter.text_config(ctx.cm.config)
+        new = width_plan(tc, a.fraction, a.of, a.multiple_of, self._what())
+        mlps = [layer.mlp for layer in lm.layers]
+        stats = [None] * len(mlps)
+
+        def hook(i):
+            def fn(mod, args):
+                # down_proj's input is the SiLU(gate) * up product: one column per FFN channel.
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                s = (x * x).sum(0) if a.importance == "wanda" else x.abs().sum(0)
+                stats[i] = s if stats[i] is None else stats[i] + s
+            return fn
+
+        handles = [m.down_proj.register_forward_pre_hook(hook(i)) for i, m in enumerate(mlps)]
+        try:
+            ctx.progress(f"prune-width: channel importance over {len(calib.samples)} calibration passes")
+            tokens = _run_calibration(ctx.cm, calib)
+        finally:
+            for h in handles:
+                h.remove()
+        old = mlps[0].down_proj.in_features
+        for m, s in zip(mlps, stats):
+            if a.importance == "wanda":
+                score = s.sqrt() * m.down_proj.weight.double().norm(dim=0)
+            else:
+                score = s
+            keep = torch.sort(torch.topk(score, new).indices).values
+            m.gate_proj = _slice_linear(m.gate_proj, keep, dim=0)
+            m.up_proj = _slice_linear(m.up_proj, keep, dim=0)
+            m.down_proj = _slice_linear(m.down_proj, keep, dim=1)
+            if hasattr(m, "intermediate_size"):
+                m.intermediate_size = new
+        return {"intermediate_size_before": old, "intermediate_size": new, "calibration_tokens": tokens}
+
+    def update_config(self, tc, record: dict[str, Any]) -> None:
+        tc.intermediate_size = record["intermediate_size"]
+
+
+def _slice_linear(lin, keep, dim: int):
+    """A new Linear holding only the kept output rows (dim 0) or input columns (dim 1)."""
+    import torch
+
+    w = lin.weight.data.index_select(dim, keep).clone()
+    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+    out.weight.data.copy_(w)
+    if lin.bias is not None:
+        out.bias.data.copy_(lin.bias.data if dim == 1 else lin.bias.data.index_select(0, keep))
+    return out

@@ -1,0 +1,208 @@
+"""Structured pruning (prune-depth, prune-width): smaller standard decoders every exporter takes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from edgemed.errors import BadInputError
+
+TARGET = "cpu-x86-avx2"
+PRUNE_RECIPES = ("prune-depth-25", "prune-width-25")
+
+
+@pytest.fixture(scope="module")
+def llama8(tmp_path_factory):
+    """A tiny Llama deep and wide enough to prune: 8 blocks, FFN 512 (80% of each block)."""
+    from edgemed.models.tiny import build_tiny
+
+    return build_tiny("llama", tmp_path_factory.mktemp("llama8") / "m", num_hidden_layers=8, intermediate_size=512)
+
+
+@pytest.fixture(scope="module")
+def int8_artifacts(llama8, tmp_path_factory):
+    from edgemed.pipeline import compress
+
+    root = tmp_path_factory.mktemp("pruned")
+    cache: dict[str, Path] = {}
+
+    def get(recipe: str | None) -> Path:
+        key = recipe or "dense"
+        if key not in cache:
+            out = root / key
+            compress(str(llama8), [recipe, "int8"] if recipe else ["int8"], TARGET, out)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def _block_linear_params(artifact: Path) -> int:
+    """Weights of the decoder blocks' matmuls as exported (MatMulNBits N x K, lm_head excluded)."""
+    import onnx
+
+    m = onnx.load(str(artifact / "decoder_model_merged.onnx"), load_external_data=False)
+    total = 0
+    for n in m.graph.node:
+        if n.op_type == "MatMulNBits" and "layers." in n.name:
+            a = {x.name: x.i for x in n.attribute}
+            total += a["N"] * a["K"]
+    assert total > 0
+    return total
+
+
+def _manifest(artifact: Path) -> dict:
+    return json.loads((artifact / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("recipe", PRUNE_RECIPES)
+def test_pruned_int8_artifact_holds_75pct_block_params_and_runs(recipe, int8_artifacts):
+    from edgemed.runtime import load
+
+    dense, pruned = int8_artifacts(None), int8_artifacts(recipe)
+    ratio = _block_linear_params(pruned) / _block_linear_params(dense)
+    assert 0.70 <= ratio <= 0.80, ratio
+    m = _manifest(pruned)
+    assert m["status"] == "ok"
+    # Parity is against the pruned parent (exporter fidelity) ...
+    assert m["parity"]["kld_mean"] < 1e-2
+    # ... and the pruning's own cost is against the unpruned model, recorded beside it.
+    rec = m["runtime"]["pruning"][recipe.rsplit("-", 1)[0]]
+    before, after = rec["params_before"], rec["params_after"]
+    assert after["blocks"] < before["blocks"] and after["language"] < before["language"]
+    assert 0.70 <= rec["block_params_ratio"] <= 0.80
+    assert np.isfinite(rec["kld_vs_unpruned"]["kld_mean"]) and rec["kld_vs_unpruned"]["positions"] > 0
+    # The manifest's model facts describe the pruned model.
+    assert m["model"]["text"]["num_layers"] == after["num_layers"]
+    assert m["model"]["component_params"]["language"] == after["language"]
+    out = load(pruned).generate(None, "Is there a pleural effusion?", max_new_tokens=4, stop_at_eos=False)
+    assert len(out.token_ids) == 4
+
+
+def test_depth_keeps_first_and_last_block(int8_artifacts):
+    rec = _manifest(int8_artifacts("prune-depth-25"))["runtime"]["pruning"]["prune-depth"]
+    assert rec["num_layers_before"] == 8 and rec["params_after"]["num_layers"] == 6
+    assert len(rec["dropped_layers"]) == 2 and 0 not in rec["dropped_layers"] and 7 not in rec["dropped_layers"]
+    assert rec["kept_layers"][0] == 0 and rec["kept_layers"][-1] == 7
+
+
+def test_width_intermediate_size_is_a_multiple_of_32(int8_artifacts):
+    m = _manifest(int8_artifacts("prune-width-25"))
+    rec = m["runtime"]["pruning"]["prune-width"]
+    assert rec["intermediate_size_before"] == 512
+    assert rec["intermediate_size"] % 32 == 0 and rec["intermediate_size"] < 512
+
+
+def test_depth_prune_keeps_kv_cache_consistent(llama8):
+    """Renumbered layer_idx: cached decoding of the pruned model equals its full forward pass."""
+    import torch
+    from transformers import DynamicCache
+
+    from edgemed.models import load_model
+    from edgemed.pipeline import Context, resolve
+
+    cm = load_model(str(llama8))
+    recipe, tgt = resolve(["prune-depth-25"], TARGET)
+    ctx = Context(cm=cm, recipe=recipe, target=tgt, work_dir=Path("."))
+    for spec in recipe.steps:
+        spec.build().run(ctx)
+    assert cm.model.config.num_hidden_layers == 6 and cm.text.num_layers == 6
+    assert [layer.self_attn.layer_idx for layer in cm.model.model.layers] == list(range(6))
+    ids = torch.tensor([[5, 17, 33, 80, 120, 7, 9, 64]])
+    with torch.no_grad():
+        full = cm.model(input_ids=ids).logits[0]
+        cache = DynamicCache(config=cm.model.config)
+        cm.model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
+        steps = [cm.model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+                 for i in range(5, 8)]
+    assert torch.allclose(torch.stack(steps), full[5:], atol=1e-4)
+
+
+@pytest.mark.parametrize("fraction", [0, 1.5])
+@pytest.mark.parametrize("step", ["prune-depth", "prune-width"])
+def test_fraction_outside_0_1_exits_2_writing_nothing(step, fraction, llama8, tmp_path, capsys):
+    from edgemed.cli import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "steps": [{"step": step, "args": {"fraction": fraction}}]}))
+    out = tmp_path / "out"
+    code = main(["compress", str(llama8), "--recipe", str(path), "--recipe", "int8", "--target", TARGET,
+                 "--output", str(out)])
+    assert code == 2
+    assert "fraction" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unsupported_family_refused_before_loading(tiny_dir, tmp_path):
+    """Phi-3 fuses gate_up_proj: refused by the planner from config.json alone."""
+    import shutil
+
+    from edgemed.pipeline import compress
+
+    cfg_only = tmp_path / "phi3"
+    cfg_only.mkdir()
+    shutil.copy(tiny_dir("phi3") / "config.json", cfg_only / "config.json")  # no weights: nothing loads
+    for recipe in PRUNE_RECIPES:
+        with pytest.raises(BadInputError, match="phi3"):
+            compress(str(cfg_only), [recipe, "int8"], TARGET, tmp_path / f"out-{recipe}")
+        assert not (tmp_path / f"out-{recipe}").exists()
+
+
+def test_too_shallow_to_prune_depth_refused(tiny_dir, tmp_path):
+    from edgemed.pipeline import compress
+
+    # The shared tiny Llama has 2 blocks: the first and the last, both kept.
+    with pytest.raises(BadInputError, match="drops no block|first and the last"):
+        compress(str(tiny_dir("llama")), ["prune-depth-25", "int8"], TARGET, tmp_path / "out")
+
+
+@pytest.mark.parametrize("recipe", PRUNE_RECIPES)
+def test_plan_counts_the_pruned_model(recipe, llama8):
+    from edgemed.pipeline import resolve
+    from edgemed.plan import plan
+
+    dense = plan(str(llama8), *resolve(["int8"], TARGET)).to_dict()
+    pruned = plan(str(llama8), *resolve([recipe, "int8"], TARGET)).to_dict()
+    lang_d, lang_p = dense["components"]["language"]["params"], pruned["components"]["language"]["params"]
+    assert 0.70 <= lang_p / lang_d <= 0.80
+    assert pruned["artifact_mb"] <= dense["artifact_mb"]
+
+
+def test_plan_matches_what_compress_prunes(llama8, int8_artifacts):
+    """The planner's count and the pruned model's count agree exactly (same config arithmetic)."""
+    for recipe in PRUNE_RECIPES:
+        m = _manifest(int8_artifacts(recipe))
+        assert m["plan"]["components"]["language"]["params"] == m["model"]["component_params"]["language"]
+
+
+def test_prune_recipes_are_transform_only():
+    from edgemed.recipe import load_recipe
+
+    for name in PRUNE_RECIPES:
+        r = load_recipe(name)
+        assert r.format is None
+        assert "unstructured" in r.description.lower()
+
+
+@pytest.mark.parametrize("recipe", PRUNE_RECIPES)
+def test_pruned_q8_0_gguf_runs_in_llama_cpp(recipe, llama8, tmp_path):
+    import gguf
+
+    from edgemed.pipeline import compress
+    from edgemed.runtime import load
+
+    out = tmp_path / "gguf"
+    m = compress(str(llama8), [recipe, "q8_0"], TARGET, out).manifest
+    assert m["parity"]["kld_mean"] < 1e-2
+    reader = gguf.GGUFReader(str(next(out.glob("*.gguf"))))
+    fields = {k: int(reader.fields[k].parts[-1][0]) for k in ("llama.block_count", "llama.feed_forward_length")}
+    after = m["runtime"]["pruning"][recipe.rsplit("-", 1)[0]]["params_after"]
+    assert fields == {"llama.block_count": after["num_layers"], "llama.feed_forward_length": after["intermediate_size"]}
+    blocks = sum(int(t.n_elements) for t in reader.tensors if t.name.startswith("blk."))
+    assert blocks == after["blocks"]
+    assert 0.70 <= blocks / m["runtime"]["pruning"][recipe.rsplit("-", 1)[0]]["params_before"]["blocks"] <= 0.80
+    res = load(out).generate(None, "Is there a pleural effusion?", max_new_tokens=4, stop_at_eos=False)
+    assert len(res.token_ids) == 4
