@@ -98,6 +98,8 @@ def test_width_intermediate_size_is_a_multiple_of_32(int8_artifacts):
 
 def test_depth_prune_keeps_kv_cache_consistent(llama8):
     """Renumbered layer_idx: cached decoding of the pruned model equals its full forward pass."""
+    import inspect
+
     import torch
     from transformers import DynamicCache
 
@@ -112,11 +114,13 @@ def test_depth_prune_keeps_kv_cache_consistent(llama8):
     assert cm.model.config.num_hidden_layers == 6 and cm.text.num_layers == 6
     assert [layer.self_attn.layer_idx for layer in cm.model.model.layers] == list(range(6))
     ids = torch.tensor([[5, 17, 33, 80, 120, 7, 9, 64]])
+    # transformers 5.x renamed past_key_values to cache.
+    kw = "cache" if "cache" in inspect.signature(cm.model.forward).parameters else "past_key_values"
     with torch.no_grad():
         full = cm.model(input_ids=ids).logits[0]
         cache = DynamicCache(config=cm.model.config)
-        cm.model(input_ids=ids[:, :5], past_key_values=cache, use_cache=True)
-        steps = [cm.model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+        cm.model(input_ids=ids[:, :5], use_cache=True, **{kw: cache})
+        steps = [cm.model(input_ids=ids[:, i:i + 1], use_cache=True, **{kw: cache}).logits[0, -1]
                  for i in range(5, 8)]
     assert torch.allclose(torch.stack(steps), full[5:], atol=1e-4)
 
@@ -136,17 +140,18 @@ def test_fraction_outside_0_1_exits_2_writing_nothing(step, fraction, llama8, tm
     assert not out.exists()
 
 
-def test_unsupported_family_refused_before_loading(tiny_dir, tmp_path):
-    """Phi-3 fuses gate_up_proj: refused by the planner from config.json alone."""
+@pytest.mark.parametrize("family,model_type", [("phi3", "phi3"), ("gemma3", "gemma3_text")])
+def test_unsupported_family_refused_before_loading(family, model_type, tiny_dir, tmp_path):
+    """Phi-3 fuses gate_up_proj, Gemma 3 is another block layout: refused from config.json alone."""
     import shutil
 
     from edgemed.pipeline import compress
 
-    cfg_only = tmp_path / "phi3"
+    cfg_only = tmp_path / family
     cfg_only.mkdir()
-    shutil.copy(tiny_dir("phi3") / "config.json", cfg_only / "config.json")  # no weights: nothing loads
+    shutil.copy(tiny_dir(family) / "config.json", cfg_only / "config.json")  # no weights: nothing loads
     for recipe in PRUNE_RECIPES:
-        with pytest.raises(BadInputError, match="phi3"):
+        with pytest.raises(BadInputError, match=model_type):
             compress(str(cfg_only), [recipe, "int8"], TARGET, tmp_path / f"out-{recipe}")
         assert not (tmp_path / f"out-{recipe}").exists()
 
@@ -187,6 +192,7 @@ def test_prune_recipes_are_transform_only():
         assert "unstructured" in r.description.lower()
 
 
+@pytest.mark.slow  # its own compress + llama.cpp: 3-90 s on a shared 2-core VM
 @pytest.mark.parametrize("recipe", PRUNE_RECIPES)
 def test_pruned_q8_0_gguf_runs_in_llama_cpp(recipe, llama8, tmp_path):
     import gguf
@@ -206,3 +212,18 @@ def test_pruned_q8_0_gguf_runs_in_llama_cpp(recipe, llama8, tmp_path):
     assert 0.70 <= blocks / m["runtime"]["pruning"][recipe.rsplit("-", 1)[0]]["params_before"]["blocks"] <= 0.80
     res = load(out).generate(None, "Is there a pleural effusion?", max_new_tokens=4, stop_at_eos=False)
     assert len(res.token_ids) == 4
+
+
+@pytest.mark.slow  # its own compress of a VLM: 5-60 s on a shared 2-core VM
+def test_llava_language_model_pruned_with_image_calibration(tmp_path):
+    """A VLM: only its language model is pruned, calibrated on images + prompts; vision untouched."""
+    from edgemed.models.tiny import build_tiny
+    from edgemed.pipeline import compress
+
+    src = build_tiny("llava-siglip", tmp_path / "llava8", num_hidden_layers=8, intermediate_size=512)
+    m = compress(str(src), ["prune-depth-25", "int8"], TARGET, tmp_path / "out").manifest
+    rec = m["runtime"]["pruning"]["prune-depth"]
+    assert rec["calibration"]["modalities"] == "multimodal"
+    assert rec["params_after"]["num_layers"] == 6 and rec["block_params_ratio"] == pytest.approx(0.75)
+    assert m["parity"]["kld_mean"] < 1e-2 and m["parity"]["vision_cosine_min"] > 0.99
+    assert m["model"]["text"]["num_layers"] == 6
