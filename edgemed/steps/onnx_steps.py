@@ -333,12 +333,21 @@ def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
             helper.make_node("MatMul", [blocksums[(x, k)], f"{name}.offsets"], [f"{name}.offset"], name=f"{name}_offset"),
             helper.make_node("Add", [f"{name}.main", f"{name}.offset"], [node.output[0]], name=f"{name}_fmin"),
         ]
-    if rtn_fallback:
-        log.warning("fmin: K not a multiple of %d for %d MatMul(s); they use rtn", block_size, len(rtn_fallback))
-    replace_nodes(model, new_nodes, new_inits)
+    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "fmin")
+
+
+def _finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], block_size: int,
+                         accuracy_level: int, algorithm: str):
+    """Install a rewritten node list (fmin, gptq) and send MatMuls whose K is not a multiple of
+    the block to ONNX Runtime's rtn instead (logged: never silently)."""
+    from onnx import helper
+
+    replace_nodes(model, nodes, initializers)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     if rtn_fallback:
+        log.warning("%s: K not a multiple of %d for %d MatMul(s); they use rtn", algorithm, block_size,
+                    len(rtn_fallback))
         model = _nbits(model, rtn_fallback, 4, block_size, False, accuracy_level, "rtn")
     return model
 
@@ -370,12 +379,7 @@ def _gptq(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: 
             "MatMulNBits", [node.input[0], f"{node.name}.q4", f"{node.name}.scales", f"{node.name}.zero_points"],
             list(node.output), name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4,
             block_size=block_size, accuracy_level=accuracy_level))
-    replace_nodes(model, new_nodes, new_inits)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    if rtn_fallback:
-        model = _nbits(model, rtn_fallback, 4, block_size, False, accuracy_level, "rtn")
-    return model
+    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "gptq")
 
 
 def _decoder_feeds(ctx: "Context", count: int) -> list[dict]:
