@@ -13,17 +13,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from no_torch import BLOCK_TORCH
 
 REPO = Path(__file__).resolve().parents[1]
 
 # `edgemed bench` (and bench/device_bench.py) must run where torch cannot even be imported.
-_NO_TORCH = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, _Block())
+_NO_TORCH = BLOCK_TORCH + """
 sys.argv = sys.argv[1:]
 if sys.argv[0] == 'cli':
     from edgemed.cli import main

@@ -8,6 +8,7 @@ import onnx
 import pytest
 
 from edgemed.artifact import read_manifest, verify
+from no_torch import BLOCK_TORCH
 
 LAYOUT = {"vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx", "tokenizer.json", "manifest.json"}
 
@@ -94,13 +95,7 @@ def test_int8_logits_close_to_transformers_independently(tiny_dir, artifact):
     assert (np.exp(lp) * (lp - lq)).sum(-1).mean() < 1e-3
 
 
-_NO_TORCH = """
-import sys
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers'):
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, _Block())
+_NO_TORCH = BLOCK_TORCH + """
 import json, numpy as np, edgemed.runtime
 s = edgemed.runtime.load(sys.argv[1])
 img = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
