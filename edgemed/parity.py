@@ -134,6 +134,8 @@ def evaluate_gates(gates: dict[str, float], metrics: dict[str, Any],
         if value is None:
             why = (reasons or {}).get(key) if key else None
             failures.append(f"{gate}: metric not measured for this artifact" + (f" ({why})" if why else ""))
+        elif not np.isfinite(value):  # NaN compares False both ways: it must fail, not pass
+            failures.append(f"{gate}: {key} is {value} (the artifact computes non-finite logits)")
         elif (op == "<=" and value > threshold) or (op == ">=" and value < threshold):
             failures.append(f"{gate}: {key} = {value:.4g} (threshold {op} {threshold})")
     return failures

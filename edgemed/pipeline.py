@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from edgemed import __version__
 from edgemed.artifact import ArtifactWriter, file_records, utc_now, write_manifest, SCHEMA_VERSION, sha256_file
-from edgemed.errors import GateFailedError
+from edgemed.errors import EdgemedError, GateFailedError
 from edgemed.models import CompositeModel, load_model
 from edgemed.recipe import Recipe, compose, load_recipe
 from edgemed.target import Target, host_target_name, load_target
@@ -32,6 +34,8 @@ class Context:
     runtime: dict[str, Any] = field(default_factory=dict)
     # The calibration set a step used (source, count, modalities, sha256 of the sample list).
     calibration: dict[str, Any] | None = None
+    # A copy of the model as loaded, kept only while a later `distill` step needs its logits.
+    teacher: Any = None
 
     def describe(self, rel: str, component: str, fmt: str, precision: str | None) -> None:
         self.files[rel] = {"component": component, "format": fmt, "precision": precision}
@@ -49,7 +53,22 @@ class CompressResult:
 
 def resolve(recipes: list[str | Path] | str, target: str | Path | None) -> tuple[Recipe, Target]:
     names = [recipes] if isinstance(recipes, (str, Path)) else list(recipes)
-    return compose([load_recipe(r) for r in names]), load_target(target or host_target_name())
+    recipe = compose([load_recipe(r) for r in names])
+    _check_step_order(recipe)
+    return recipe, load_target(target or host_target_name())
+
+
+def _check_step_order(recipe: Recipe) -> None:
+    """`distill` recovers from a transform: it needs a prune/MoE step before it."""
+    from edgemed.errors import BadInputError
+    from edgemed.steps import STEPS
+
+    names = [s.step for s in recipe.steps]
+    if "distill" in names:
+        before = names[:names.index("distill")]
+        if not any(STEPS.get(n).stage == "model" and n != "distill" for n in before):
+            raise BadInputError(f"recipe {recipe.name}", "has a distill step with no prune or moe step before it",
+                                "compose it after a transform, e.g. --recipe prune-width-25 (which distills itself)")
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -120,6 +139,10 @@ def compress(
     steps = [spec.build() for spec in recipe.steps]
     with writer as tmp:
         ctx = Context(cm=cm, recipe=recipe, target=tgt, work_dir=tmp, progress=say)
+        if any(s.name == "distill" for s in steps):
+            import copy
+
+            ctx.teacher = copy.deepcopy(cm.model).eval()
         for step in steps:
             say(f"step {step.name}")
             step.run(ctx)
@@ -156,6 +179,11 @@ def compress(
         session = open_session(tmp, manifest)
         parity = check_parity(cm, session)
         manifest["parity"] = parity
+        if not all(np.isfinite(parity[k]) for k in ("kld_mean", "logits_max_abs_diff")):
+            # A broken artifact, whatever the gates say: nothing is written (the temp dir goes).
+            raise EdgemedError(f"{recipe.name}: the exported artifact computes non-finite logits "
+                               f"(parity {parity['kld_mean']}); this is a bug in edgemed's export for this "
+                               "model: please report it with the recipe and the model's config.json")
         # The parent's answers and logits on the gate suite, cached so a device without torch can
         # measure fidelity (edgemed bench), and the flip-rate / closed-accuracy gates measured on it.
         from edgemed.bench.fidelity import cache_parent_reference, compare_with_reference, gate_values

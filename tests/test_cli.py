@@ -89,12 +89,16 @@ def test_compress_unknown_architecture_exits_2(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_default_compress_uses_the_demo_model(edgemed_home, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["compress"]) == 0
     out = capsys.readouterr().out
-    assert "parity vs PyTorch parent" in out
-    artifact = tmp_path / "edgemed-out" / "edgemed-demo-tiny-int8"
+    assert "parity vs PyTorch parent" in out and "before -> after" in out
+    artifact = tmp_path / "edgemed-out" / "edgemed-demo-cxr-int8"
+    m = json.loads((artifact / "manifest.json").read_text())
+    assert m["status"] == "ok" and m["model"]["text"]["num_layers"] == 30  # SmolLM2 inside
+    assert m["model"]["image"]["num_image_tokens"] == 64
     assert main(["inspect", str(artifact), "--verify"]) == 0
     shutil.copy(artifact / "tokenizer.json", artifact / "extra.json")
     assert main(["inspect", str(artifact), "--verify"]) == 2  # an unlisted file is reported

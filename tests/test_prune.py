@@ -110,7 +110,8 @@ def test_depth_prune_keeps_kv_cache_consistent(llama8):
     recipe, tgt = resolve(["prune-depth-25"], TARGET)
     ctx = Context(cm=cm, recipe=recipe, target=tgt, work_dir=Path("."))
     for spec in recipe.steps:
-        spec.build().run(ctx)
+        if spec.step != "distill":  # the pruning alone (distill needs compress's teacher copy)
+            spec.build().run(ctx)
     assert cm.model.config.num_hidden_layers == 6 and cm.text.num_layers == 6
     assert [layer.self_attn.layer_idx for layer in cm.model.model.layers] == list(range(6))
     ids = torch.tensor([[5, 17, 33, 80, 120, 7, 9, 64]])
@@ -227,3 +228,72 @@ def test_llava_language_model_pruned_with_image_calibration(tmp_path):
     assert rec["params_after"]["num_layers"] == 6 and rec["block_params_ratio"] == pytest.approx(0.75)
     assert m["parity"]["kld_mean"] < 1e-2 and m["parity"]["vision_cosine_min"] > 0.99
     assert m["model"]["text"]["num_layers"] == 6
+
+
+# --- unstructured and 2:4 sparsity ------------------------------------------------------------------
+
+
+def test_sparsity_masks_follow_their_pattern():
+    import torch
+
+    from edgemed.steps.prune import sparsity_mask
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    keep = sparsity_mask(w, w.abs(), "2:4", None)
+    assert (keep.reshape(16, 16, 4).sum(-1) == 2).all()
+    # the kept two are the larger-scored of each group of four
+    groups, kept = w.abs().reshape(16, 16, 4), keep.reshape(16, 16, 4)
+    assert (groups[kept].reshape(16, 16, 2).min(-1).values >= groups[~kept].reshape(16, 16, 2).max(-1).values).all()
+    keep = sparsity_mask(w, w.abs(), "unstructured", 0.75)
+    assert (keep.sum(1) == 16).all()  # per output row: Wanda's comparison group
+
+
+@pytest.mark.parametrize("args, match", [
+    ("method: wanda\n      sparsity: 1.5", "sparsity"),
+    ("method: wanda\n      pattern: unstructured", "needs `sparsity`"),
+    ("method: magnitude\n      pattern: '2:4'\n      sparsity: 0.7", "2:4 pattern is 50%"),
+])
+def test_prune_sparse_bad_args_are_refused(tmp_path, args, match):
+    from edgemed import load_recipe
+
+    p = tmp_path / "bad.yaml"
+    p.write_text(f"name: bad\nsteps:\n  - step: prune-sparse\n    args:\n      {args}\n")
+    with pytest.raises(BadInputError, match=match):
+        load_recipe(str(p))
+
+
+@pytest.mark.slow
+def test_prune_2of4_q8_0_keeps_the_pattern_through_distillation_and_quantization(llama8, tmp_path):
+    import gguf
+    from gguf.quants import dequantize
+
+    from edgemed.pipeline import compress
+
+    r = compress(str(llama8), ["prune-2of4", "q8_0"], TARGET, tmp_path / "q8")
+    m = r.manifest
+    assert m["status"] == "ok" and m["parity"]["kld_mean"] < 1e-2
+    sp = m["runtime"]["sparsity"]
+    assert sp["pattern"] == "2:4" and abs(sp["zero_fraction"] - 0.5) < 1e-9
+    assert "does not change" in sp["speedup_note"]
+    assert m["runtime"]["distill"]["sparsity_kept"]
+    reader = gguf.GGUFReader(str(r.output / "model-q8_0.gguf"))
+    t = next(t for t in reader.tensors if t.name == "blk.3.ffn_up.weight")
+    w = dequantize(t.data, t.tensor_type).reshape(-1, 4)
+    assert ((w == 0).sum(1) >= 2).all()  # Q8_0 keeps an exact zero as zero
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["q8_0", "int8"])
+def test_prune_width_with_heads_exports_and_matches(llama8, tmp_path, fmt):
+    from edgemed.pipeline import compress
+
+    r = tmp_path / "heads.yaml"
+    r.write_text("name: heads\nsteps:\n  - step: prune-width\n    args:\n      fraction: 0.1\n"
+                 "      head_fraction: 0.5\n")
+    res = compress(str(llama8), [str(r), fmt], TARGET, tmp_path / fmt)
+    m = res.manifest
+    rec = m["runtime"]["pruning"]["prune-width"]
+    assert rec["num_key_value_heads"] == 1 and rec["num_attention_heads"] == 2  # 2 -> 1 KV group
+    assert m["model"]["text"]["num_kv_heads"] == 1
+    assert m["status"] == "ok" and m["parity"]["kld_mean"] < 1e-2

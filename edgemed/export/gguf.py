@@ -92,6 +92,8 @@ TEXT_ARCHS: dict[str, TextArch] = {
     "llama": TextArch("LLAMA", True),
     "mistral": TextArch("LLAMA", True),
     "qwen2": TextArch("QWEN2", False),
+    # edgemed's MoE distillation (steps/moe.py) writes Llama/Qwen2 attention into this layout
+    "qwen2_moe": TextArch("QWEN2MOE", False),
     "phi3": TextArch("PHI3", False),
     "gemma3": TextArch("GEMMA3", False, norm_shift=1.0),
     "gemma3_text": TextArch("GEMMA3", False, norm_shift=1.0),
@@ -244,6 +246,14 @@ def _write_text_hparams(w, cm: "CompositeModel", arch: TextArch, tc) -> list[_Pl
     elif rtype != "default":
         raise BadInputError(f"{cm.source}: rope_type '{rtype}'", "has no GGUF mapping in edgemed",
                             "use an ONNX recipe for this model, or a model with default/linear/yarn/llama3 RoPE")
+    if arch.arch == "QWEN2MOE":
+        w.add_expert_count(int(tc.num_experts))
+        w.add_expert_used_count(int(tc.num_experts_per_tok))
+        w.add_expert_feed_forward_length(int(tc.moe_intermediate_size))
+        w.add_expert_shared_feed_forward_length(int(tc.shared_expert_intermediate_size))
+        if tc.norm_topk_prob:  # llama.cpp's qwen2moe graph never renormalises the top-k weights
+            raise BadInputError(f"{cm.source}: norm_topk_prob", "llama.cpp's qwen2moe graph does not renormalise",
+                                "use an ONNX recipe for this model")
     if arch.arch == "PHI3":
         w.add_rope_scaling_orig_ctx_len(int(getattr(tc, "original_max_position_embeddings", None)
                                             or tc.max_position_embeddings))
@@ -288,15 +298,23 @@ def language_tensors(cm: "CompositeModel") -> Iterator[tuple[str, str, Any]]:
     head = cm.adapter.lm_head(cm.model)
     embed = cm.adapter.embed_tokens(cm.model)
     for hf_name, p in lm.named_parameters():
+        if hf_name.endswith("mlp.experts.gate_up_proj"):  # fused [E, 2r, H]: llama.cpp keeps gate and up apart
+            stem = "model." + hf_name[: -len("gate_up_proj")]
+            half = p.shape[1] // 2
+            yield hf_name + "[gate]", names.get_name(stem + "gate_proj.weight", try_suffixes=(".weight",)), p[:, :half]
+            yield hf_name + "[up]", names.get_name(stem + "up_proj.weight", try_suffixes=(".weight",)), p[:, half:]
+            continue
         # The decoder's own parameter names, or the checkpoint's (model.*) where gguf-py knows only those.
-        new = (names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-               or names.get_name("model." + hf_name, try_suffixes=(".weight", ".bias")))
+        # A bare nn.Parameter (fused experts' down_proj) is named like a Linear's weight.
+        query = hf_name if hf_name.endswith((".weight", ".bias")) else hf_name + ".weight"
+        new = (names.get_name(query, try_suffixes=(".weight", ".bias"))
+               or names.get_name("model." + query, try_suffixes=(".weight", ".bias")))
         if new is None:
             raise BadInputError(f"{cm.source}: tensor {hf_name}", "has no llama.cpp name for this architecture",
                                 "this checkpoint has layers llama.cpp's graph does not know; use an ONNX recipe")
         yield hf_name, new, p
     tied = head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
-    if not tied:
+    if not tied or arch.arch == "QWEN2MOE":  # llama.cpp's qwen2moe loader requires output.weight
         yield "lm_head.weight", names.get_name("lm_head.weight", try_suffixes=(".weight",)), head.weight
 
 
@@ -336,6 +354,9 @@ def write_language_gguf(cm: "CompositeModel", path: Path, precision: str = "f32"
         if arch.norm_shift and new.endswith("norm.weight"):
             make = (lambda f: (lambda: f() + arch.norm_shift))(make)
         shape = tuple(p.shape)
+        if new.endswith("ffn_gate_inp_shexp.weight"):  # Linear(H, 1): llama.cpp wants a vector {n_embd}
+            shape = shape[1:]
+            make = (lambda f: (lambda: f().reshape(-1)))(make)
         planned.append(_Planned(new, shape, _float_type(precision, len(shape), shape[-1]), make))
     _stream(w, planned)
     return {"tensors": len(planned), **vocab_info}

@@ -12,6 +12,8 @@ component policy is compiled to per-node quantization choices.
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import warnings
 from pathlib import Path
@@ -199,7 +201,25 @@ def _export_decoder(cm: CompositeModel, path: Path, opset: int):
         args.append(tti)
         shapes["rest"] = ({0: batch, 1: seq}, *shapes["rest"])
     ins, outs = decoder_io_names(t.num_layers, cm.adapter.decoder_token_type_ids)
-    _export(Decoder(cm).eval(), (*args, *past), path, ins, outs, shapes, opset)
+    with _traceable_experts(cm.model):
+        _export(Decoder(cm).eval(), (*args, *past), path, ins, outs, shapes, opset)
+
+
+@contextlib.contextmanager
+def _traceable_experts(model):
+    """transformers' default MoE experts loop over the experts a batch hit (a data-dependent
+    Python loop the exporter cannot keep); its "batched_mm" form gathers each token's top-k expert
+    weights and multiplies them (Gather + batched MatMul): same outputs, one static graph, and per
+    decoded token only the selected experts are computed."""
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "_is_expert_parallel")}
+    saved = {k: getattr(c, "_experts_implementation", None) for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for k, c in configs.items():
+            c._experts_implementation = saved[k]
 
 
 def _component_prefixes(cm: CompositeModel) -> list[tuple[str, str]]:

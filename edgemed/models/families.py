@@ -211,10 +211,11 @@ class Gemma3Adapter(_TowerProjectorDecoder):
 
 
 class DecoderAdapter(Adapter):
-    """Text-only decoder LLMs (Llama, Mistral, Qwen2, Phi3): no vision graph."""
+    """Text-only decoder LLMs (Llama, Mistral, Qwen2, Phi3; Qwen2-MoE as written by edgemed's MoE
+    distillation): no vision graph."""
 
     family = "decoder"
-    model_types = ("llama", "mistral", "qwen2", "phi3")
+    model_types = ("llama", "mistral", "qwen2", "phi3", "qwen2_moe")
     multimodal = False
 
     @classmethod

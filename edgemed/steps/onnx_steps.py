@@ -170,6 +170,38 @@ def _fold_weight_transposes(model) -> int:
     return folded
 
 
+def _gemm_to_matmul(model) -> int:
+    """Gemm(x, W, transB=1) with a constant W and no bias -> MatMul(x, W^T), same node name (the
+    component tag follows it). torch.onnx writes a Linear on a 2-D input as Gemm (the MoE block
+    flattens tokens), and ONNX Runtime's weight quantizers only take MatMul."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, converted = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type == "Gemm" and len(node.input) == 2 and node.input[1] in inits
+                and attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0):
+            w = numpy_helper.to_array(inits[node.input[1]])
+            if attrs.get("transB", 0):
+                w = np.ascontiguousarray(w.T)
+            name = node.input[1] + ("_transposed" if attrs.get("transB", 0) else "")
+            if name not in inits:
+                t = numpy_helper.from_array(w, name)
+                model.graph.initializer.append(t)
+                inits[name] = t
+            mm = helper.make_node("MatMul", [node.input[0], name], list(node.output), name=node.name)
+            mm.metadata_props.extend(node.metadata_props)
+            nodes.append(mm)
+            converted += 1
+        else:
+            nodes.append(node)
+    if converted:
+        replace_nodes(model, nodes, [])
+    return converted
+
+
 def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds=None) -> dict[str, str]:
     """Quantize one graph in place. Returns {component: precision} for the components present.
     calibration_feeds: a callable giving input feeds for this graph (needed by gptq)."""
@@ -179,6 +211,7 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds
 
     model = onnx.load(str(path))
     _fold_weight_transposes(model)
+    _gemm_to_matmul(model)
     comps = node_components(model)
     present = set(comps.values())
     wanted = {c: getattr(policy, c) for c in present if hasattr(policy, c)}

