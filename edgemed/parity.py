@@ -53,8 +53,8 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
 
 
-def parent_logits(cm: CompositeModel, ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
-    """The parent's own forward pass through transformers (not edgemed's decomposition)."""
+def parent_inputs(cm: CompositeModel, ids: np.ndarray, pixel_values: np.ndarray | None) -> dict[str, Any]:
+    """The keyword arguments of the parent's own forward for one prompt (and image)."""
     import torch
 
     kw: dict[str, Any] = {"input_ids": torch.from_numpy(ids)[None]}
@@ -65,8 +65,15 @@ def parent_logits(cm: CompositeModel, ids: np.ndarray, pixel_values: np.ndarray 
         kw["pixel_values"] = pv
         if cm.family == "gemma3":
             kw["token_type_ids"] = (kw["input_ids"] == cm.image.image_token_id).long()
+    return kw
+
+
+def parent_logits(cm: CompositeModel, ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
+    """The parent's own forward pass through transformers (not edgemed's decomposition)."""
+    import torch
+
     with torch.no_grad():
-        return cm.model(**kw).logits[0].float().numpy()
+        return cm.model(**parent_inputs(cm, ids, pixel_values)).logits[0].float().numpy()
 
 
 def parent_image_features(cm: CompositeModel, pixel_values: np.ndarray) -> np.ndarray:

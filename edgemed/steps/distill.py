@@ -178,13 +178,9 @@ class Distill(Step):
     def _kd_loss(cm, teacher, sample, temperature: float):
         import torch
 
-        ids, pv = sample
-        kw: dict[str, Any] = {"input_ids": torch.from_numpy(ids)[None]}
-        if pv is not None:
-            t = torch.from_numpy(pv)
-            kw["pixel_values"] = t[:, None] if cm.family == "idefics3" else t
-            if cm.family == "gemma3":
-                kw["token_type_ids"] = (kw["input_ids"] == cm.image.image_token_id).long()
+        from edgemed.parity import parent_inputs
+
+        kw = parent_inputs(cm, *sample)
         with torch.no_grad():
             t_logits = teacher(**kw).logits[0].float() / temperature
         s_logits = cm.model(**kw).logits[0].float() / temperature
