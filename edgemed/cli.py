@@ -114,8 +114,8 @@ def plan(
             t.add_row(*[str(x) for x in row])
         console.print(t)
         d = p.to_dict()
-        for k in ("artifact_mb", "kv_cache_mb", "runtime_memory_mb", "usable_memory_mb", "bytes_per_token_mb",
-                  "decode_ceiling_tok_s"):
+        for k in ("artifact_mb", "kv_cache_mb", "kv_bytes_per_element", "kv_copies", "runtime_memory_mb",
+                  "usable_memory_mb", "bytes_per_token_mb", "decode_ceiling_tok_s"):
             if k in d:
                 console.print(f"{k}: {d[k]}")
     check_feasible(p)

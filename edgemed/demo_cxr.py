@@ -11,12 +11,16 @@ model's attention are trained here, on `synthetic-cxr`, in the LLaVA way:
   1. alignment: language model and tower frozen, the projector learns to caption;
   2. instruction tuning: VQA-RAD-style multi-turn conversations, projector + LoRA (rank 8 on
      q/v of every attention block) + the tower at a low rate;
-  3. single-turn grounding (then 4, a gentler second pass on fresh images): in a conversation a
-     later answer can be read off an earlier one ("What is the abnormality? nodule", then "Is
-     there a nodule?"), so the model learned to lean on history and said "no" when asked cold
-     (closed accuracy 0.76 after stage 2). Here every question of an image is its own single turn,
-     packed into one sequence that shares the image prefix, with an attention mask that lets each
-     question see only the prefix and itself (checked equal to separate single-turn passes).
+  3. single-turn grounding: in a conversation a later answer can be read off an earlier one
+     ("What is the abnormality? nodule", then "Is there a nodule?"), so the model learned to lean
+     on history and said "no" when asked cold (closed accuracy 0.76 after stage 2). Here every
+     question of an image is its own single turn, packed into one sequence that shares the image
+     prefix, with an attention mask that lets each question see only the prefix and itself
+     (checked equal to separate single-turn passes). Closed accuracy 0.878 after it.
+  4. contrastive grounding on fresh images: every question asked both ways where the image
+     allows (both sides, "normal?" and "abnormality?"), so no wording predicts its answer
+     (stage 3 had left "Is there a pleural effusion on the left?" answered "no" whatever the
+     image). Closed 0.947, open recall 0.895 after it (100 test images, 580 questions).
 
 Only what training changed ships with the package (``edgemed/assets/edgemed-demo-cxr/``: tower,
 projector, image-token embedding, LoRA; a few MB of fp16). :func:`build_demo_cxr` rebuilds the
@@ -25,7 +29,7 @@ LoRA merged into the attention weights.
 
 Reproduce (seeded, resumable: every stage checkpoints into WORK; progress bars)::
 
-    python -m edgemed.demo_cxr train WORK [--ship]     # about 1.5 hours on 2 cores
+    python -m edgemed.demo_cxr train WORK [--ship]     # about 2.5 hours on 2 cores
     python -m edgemed.demo_cxr eval MODEL_DIR          # closed accuracy / open recall on the test split
 """
 from __future__ import annotations
@@ -88,9 +92,9 @@ class TrainConfig:
     ground_images: int = 960
     ground_batch: int = 8
     ground_lr: float = 3e-4
-    # stage 4: a second, gentler grounding pass on fresh images
-    ground2_images: int = 480
-    ground2_lr: float = 1.5e-4
+    # stage 4: a second grounding pass on fresh images, every question asked both ways
+    ground2_images: int = 1600
+    ground2_lr: float = 2e-4
     eval_images: int = 100
 
 
@@ -319,18 +323,32 @@ def conversation(spec, seed: int, rng: random.Random, *, align: bool) -> list[tu
     return turns[: rng.randint(1, len(turns))] if rng.random() < 0.3 else turns
 
 
-def grounding_questions(spec, seed: int) -> list[tuple[str, str]]:
+def grounding_questions(spec, seed: int, *, contrastive: bool = False) -> list[tuple[str, str]]:
     """Every question of the image, each with the bench's prompt suffix, plus a presence question
-    for every finding the image lacks (more image-grounded "no"s, the hallucination probe's kind)."""
+    for every finding the image lacks (more image-grounded "no"s, the hallucination probe's kind).
+
+    contrastive: instead, each question asked both ways where the image allows it, so no question
+    wording predicts its answer: the finding's presence on both sides (one yes, one no), "Is this
+    chest radiograph normal?" and "Is there an abnormality?" on every image, and the image's own
+    presence questions. After stage 3 the model had learned the wording's prior: "Is there a
+    pleural effusion on the left?" was answered "no" whatever the image (5% right when the answer
+    was yes), and "Is this chest radiograph normal?" got "no" on 73% of normal images."""
     from edgemed.data.synthetic_cxr import FINDINGS, _presence_question, questions_for
 
     qs = [(q["question"] + (CLOSED_SUFFIX if q["answer_type"] == "closed" else OPEN_SUFFIX), q["answer"])
           for q in questions_for(spec, seed)]
     asked = {q for q, _ in qs}
-    for f in FINDINGS[1:]:
-        q = _presence_question(f) + CLOSED_SUFFIX
-        if q not in asked:
-            qs.append((q, "yes" if f == spec.finding else "no"))
+    if contrastive:
+        extra = [("Is this chest radiograph normal?", "yes" if spec.normal else "no"),
+                 ("Is there an abnormality?", "no" if spec.normal else "yes")]
+        if spec.laterality is not None:
+            extra += [(_presence_question(spec.finding, side), "yes" if side == spec.laterality else "no")
+                      for side in ("left", "right")]
+    else:
+        extra = [(_presence_question(f), "yes" if f == spec.finding else "no") for f in FINDINGS[1:]]
+    for q, a in extra:
+        if q + CLOSED_SUFFIX not in asked:
+            qs.append((q + CLOSED_SUFFIX, a))
     return qs
 
 
@@ -622,7 +640,7 @@ def stage_lm(model, tok, cfg: TrainConfig, ck: _Checkpoints, say, *, name: str, 
     tower.train(not align)
     title = "1: alignment" if align else ("3: single-turn grounding" if ground else "2: instruction tuning")
     if second:
-        title = "4: single-turn grounding, second pass"
+        title = "4: contrastive grounding"
     bar = tqdm(total=total, initial=step, desc=f"stage {title}")
     ema = None
     while step < total:
@@ -632,7 +650,8 @@ def stage_lm(model, tok, cfg: TrainConfig, ck: _Checkpoints, say, *, name: str, 
         for j in idx:
             spec = image_spec(cfg.seed, "train", j)
             if ground:
-                ids, lab, pos, blk = encode_packed(tok, grounding_questions(spec, cfg.seed), n_tok)
+                qs = grounding_questions(spec, cfg.seed, contrastive=second)
+                ids, lab, pos, blk = encode_packed(tok, qs, n_tok)
                 poss.append(pos), blks.append(blk)
             else:
                 ids, lab = encode_conversation(tok, conversation(spec, cfg.seed, rng, align=align), n_tok)
@@ -782,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "train":
         cfg = TrainConfig()
         if args.quick:
-            cfg = TrainConfig(pretrain_images=256, pretrain_epochs=1, align_images=32, instruct_images=32)
+            cfg = TrainConfig(pretrain_images=256, pretrain_epochs=1, align_images=32, instruct_images=32,
+                              ground_images=16, ground2_images=16)
         w = train(args.work, cfg)
         if args.ship:
             ASSET_DIR.mkdir(parents=True, exist_ok=True)

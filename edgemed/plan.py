@@ -3,7 +3,8 @@ model's config alone (parameter counts on the meta device), before any weights a
 
     artifact bytes   = sum over components of params x effective bits per weight / 8
     KV-cache bytes   = 2 (K and V) x layers x kv_heads x head_dim x context_tokens x bytes per element
-    run-time memory  = (weights + KV) x 1.10 + 300 MB
+    run-time memory  = (weights + KV x copies) x 1.10 + 300 MB   (copies: 2 where a decoder step
+                       holds past and present caches at once, see _kv_copies)
     bytes per token  = language + lm_head weights + one embedding row + the whole KV cache at context
     decode ceiling   = memory_bandwidth_gb_s x 1e9 / bytes per token   (the roofline, tok/s)
 
@@ -42,6 +43,9 @@ COMPONENT_FORMAT_PRECISIONS: dict[tuple[str, str], set[str]] = {("onnx", "embed"
 # Every target can run the fp32 reference on its CPU, listed or not.
 ALWAYS_RUNNABLE = {"fp32", "f32"}
 
+# The shortest context worth suggesting: a question and a short answer (plus one image's tokens).
+MIN_TURN_TOKENS = 256
+
 MB = 1e6
 GB = 1e9
 
@@ -67,6 +71,7 @@ class Plan(BaseModel):
     components: dict[str, ComponentEstimate]
     artifact_bytes: int
     kv_cache_bytes: int
+    kv_copies: int = 1  # caches alive at once (2 where the decoder concatenates past and present)
     kv_bytes_per_element: int
     runtime_overhead_bytes: int
     runtime_memory_bytes: int
@@ -107,6 +112,7 @@ class Plan(BaseModel):
             "total_params": self.total_params,
             "artifact_mb": round(self.artifact_bytes / MB, 1),
             "kv_cache_mb": round(self.kv_cache_bytes / MB, 1),
+            "kv_copies": self.kv_copies,
             "kv_bytes_per_element": self.kv_bytes_per_element,
             "runtime_overhead_mb": round(self.runtime_overhead_bytes / MB, 1),
             "runtime_memory_mb": round(self.runtime_memory_bytes / MB, 1),
@@ -157,12 +163,19 @@ class _ModelShape:
 
     _counts_cache: dict[str, dict[str, int]] = {}
 
-    def __init__(self, family: str, counts: dict[str, int], facts, vision_hidden: int | None, tied: bool):
+    def __init__(self, family: str, counts: dict[str, int], facts, vision_hidden: int | None, tied: bool,
+                 builder_decoder: bool = False, image_tokens: int = 0):
         self.family, self.counts, self.facts = family, counts, facts
+        self.image_tokens = image_tokens
         self.vision_hidden, self.tied = vision_hidden, tied
+        # onnx-export's decoder=auto uses onnxruntime-genai's builder here (see genai_decoder)
+        self.builder_decoder = builder_decoder
 
     @classmethod
     def from_config(cls, adapter, config) -> "_ModelShape":
+        import importlib.util
+
+        from edgemed.export.genai_decoder import BUILDER_ARCHS
         from edgemed.models import component_param_counts
         from edgemed.models.base import text_facts
 
@@ -175,8 +188,11 @@ class _ModelShape:
         vc = getattr(config, "vision_config", None)
         tc = adapter.text_config(config)
         tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+        builder = (not adapter.decoder_token_type_ids and tc.model_type in BUILDER_ARCHS
+                   and importlib.util.find_spec("onnxruntime_genai") is not None)
         return cls(adapter.family, counts, text_facts(adapter, config),
-                   getattr(vc, "hidden_size", None) if vc is not None else None, tied)
+                   getattr(vc, "hidden_size", None) if vc is not None else None, tied, builder,
+                   (adapter.num_image_tokens(config) or 0) if vc is not None else 0)
 
 
 def _apply_step_config_hooks(recipe: Recipe, config):
@@ -191,28 +207,42 @@ def _apply_step_config_hooks(recipe: Recipe, config):
     return config
 
 
-def _int4_layout(recipe: Recipe, fmt: str | None) -> tuple[int, int, int]:
+def _onnx_args(recipe: Recipe) -> dict:
+    return next((s.args for s in recipe.steps if s.step == "onnx-quantize" and isinstance(s.args, dict)), {})
+
+
+def _activations(recipe: Recipe, target: Target, family: str) -> str:
+    """fp32 | fp16: what onnx-quantize will make the graph's float type (see onnx_activations)."""
+    if recipe.format != "onnx":
+        return "fp32"
+    from edgemed.steps.onnx_steps import onnx_activations
+
+    return onnx_activations(_onnx_args(recipe).get("activations", "auto"), target, family)[0]
+
+
+def _int4_layout(recipe: Recipe, fmt: str | None, activations: str = "fp32") -> tuple[int, int, int]:
     """(block size, scale bytes, zero-point bits) per int4 block.
 
-    ONNX (MatMulNBits): one fp32 scale per block of `block_size` weights along K, plus a 4-bit
-    zero point packed two per uint8 when asymmetric (measured with onnxruntime 1.32: block 32
-    asymmetric = 5.125 bits/weight, symmetric = 5.0). The `fmin` and `hqq` algorithms store a
-    float32 per block on top of the scale (the block offset, or HQQ's float zero point): 6.0 at
-    block 32. Block size, symmetry and algorithm come from the recipe's onnx-quantize args.
+    ONNX (MatMulNBits): one scale per block of `block_size` weights along K, in the graph's float
+    type (fp32 on a CPU, fp16 on a GPU, where blocks are `fp16_block_size`), plus a 4-bit zero
+    point packed two per uint8 when asymmetric (measured with onnxruntime 1.32: block 32
+    asymmetric fp32 = 5.125 bits/weight, symmetric = 5.0). The `fmin` and `hqq` algorithms store a
+    float per block on top of the scale (the block offset, or HQQ's float zero point): 6.0 at
+    block 32 in fp32, 4.25 at block 128 in fp16. Block size, symmetry and algorithm come from the
+    recipe's onnx-quantize args; a K the block does not divide takes a smaller block (fit_block).
     TensorRT (ModelOpt INT4 AWQ): block 128, fp16 scale, no zero point.
     """
     if fmt == "tensorrt":
         return 128, 2, 0
-    block, symmetric, algorithm = 32, False, "fmin"
-    for s in recipe.steps:
-        int4 = s.args.get("int4") if isinstance(s.args, dict) else None
-        if isinstance(int4, dict):
-            block = int(int4.get("block_size", block))
-            symmetric = bool(int4.get("symmetric", symmetric))
-            algorithm = int4.get("algorithm", algorithm)
+    int4 = _onnx_args(recipe).get("int4") or {}
+    fp16 = activations == "fp16"
+    block = int(int4.get("fp16_block_size", 128) if fp16 else int4.get("block_size", 32))
+    symmetric = bool(int4.get("symmetric", False))
+    algorithm = int4.get("algorithm", "fmin")
+    float_bytes = 2 if fp16 else 4
     if algorithm in ("fmin", "hqq"):
-        return block, 4, 32
-    return block, 4, 0 if symmetric else 4
+        return block, float_bytes, float_bytes * 8
+    return block, float_bytes, 0 if symmetric else 4
 
 
 def _int8_block(recipe: Recipe) -> int | None:
@@ -228,13 +258,15 @@ def _int8_block(recipe: Recipe) -> int | None:
 
 
 def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tuple[int, int, int],
-                     int8_block: int | None = None) -> float:
+                     int8_block: int | None = None, activations: str = "fp32") -> float:
     """Effective bits per weight, scales and zero points included.
 
     - GGUF: the llama.cpp type's own bits (block scales are inside PRECISION_BITS: q8_0 = 8.5);
       generic names map to the type llama.cpp would store (int8 -> q8_0, int4 -> q4_0).
-    - int4: 4 + (scale bytes x 8 + zero-point bits) / block size (see _int4_layout).
-    - int8, ONNX weight-only (MatMulNBits bits 8, the default): 8 + 32 / block (fp32 scale per block).
+    - int4: 4 + (scale bytes x 8 + zero-point bits) / block size (see _int4_layout), the block
+      fitted to in_features as the quantizer does.
+    - int8, ONNX weight-only (MatMulNBits bits 8, the default): 8 + 32 / block (an fp32 scale per
+      block; fp16 where activations are fp16: 8 + 16 / block).
     - int8 otherwise: per output channel, an fp32 scale and an int8 zero point (ONNX Runtime
       quantize_dynamic per_channel; TensorRT stores the scale only): 8 + 5 x 8 / in_features.
       The number of output channels is taken as params / in_features, exact for embeddings and
@@ -247,10 +279,14 @@ def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tu
     if fmt == "gguf":
         return PRECISION_BITS[GGUF_TYPE_FOR.get(precision, precision)]
     if precision == "int4":
+        from edgemed.steps.onnx_steps import fit_block
+
         block, scale_bytes, zp_bits = int4
+        if fmt == "onnx" and in_features > 0:
+            block = fit_block(in_features, block)
         return 4 + (scale_bytes * 8 + zp_bits) / block
     if precision == "int8" and int8_block:
-        return 8 + 32 / int8_block
+        return 8 + (16 if activations == "fp16" else 32) / int8_block
     if precision == "int8":
         per_channel_bytes = 4 if fmt == "tensorrt" else 5
         return 8 + per_channel_bytes * 8 / max(in_features, 1)
@@ -259,13 +295,23 @@ def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tu
     return PRECISION_BITS[precision]
 
 
-def _kv_bytes_per_element(fmt: str | None) -> int:
-    """ONNX: the exporter keeps graph inputs and outputs fp32 (float16 conversion uses
-    keep_io_types), so past_key_values are fp32 on every target. llama.cpp's default cache
-    type is f16; TensorRT engines keep an fp16 KV cache on the GPU."""
-    if fmt in ("gguf", "tensorrt"):
+def _kv_bytes_per_element(fmt: str | None, activations: str = "fp32") -> int:
+    """ONNX: past_key_values are in the graph's float type (fp32 on a CPU, fp16 where
+    onnx-quantize makes activations fp16). llama.cpp's default cache type is f16; TensorRT
+    engines keep an fp16 KV cache on the GPU."""
+    if fmt in ("gguf", "tensorrt") or activations == "fp16":
         return 2
     return 4
+
+
+def _kv_copies(recipe: Recipe, shape: _ModelShape) -> int:
+    """KV caches alive at once during a decode step. A torch.onnx decoder takes past_key_values and
+    returns present = concat(past, new): both are in memory while it runs. The builder's
+    GroupQueryAttention, llama.cpp and TensorRT update one cache in place."""
+    if recipe.format != "onnx":
+        return 1
+    export = next((s.args for s in recipe.steps if s.step == "onnx-export" and isinstance(s.args, dict)), {})
+    return 1 if shape.builder_decoder and export.get("decoder", "auto") != "torch" else 2
 
 
 def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens: int, source: str) -> Plan:
@@ -274,15 +320,19 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
     fmt = recipe.format
     policy = recipe.policy
     facts = shape.facts
-    int4 = _int4_layout(recipe, fmt)
+    activations = _activations(recipe, target, shape.family)
+    int4 = _int4_layout(recipe, fmt, activations)
     order = [c for c in COMPONENTS if c in shape.counts] + [c for c in shape.counts if c not in COMPONENTS]
 
     comps: dict[str, ComponentEstimate] = {}
     for name in order:
         params = shape.counts[name]
         prec = getattr(policy, name, "fp32")  # a component the policy does not name (a router) stays fp32
+        if activations == "fp16" and prec == "fp32":
+            prec = "fp16"  # onnx-quantize stores every float tensor fp16 there
         in_features = shape.vision_hidden if (name == "vision" and shape.vision_hidden) else facts.hidden_size
-        bits = _bits_per_weight(prec, fmt, in_features, int4, _int8_block(recipe) if fmt == "onnx" else None)
+        bits = _bits_per_weight(prec, fmt, in_features, int4, _int8_block(recipe) if fmt == "onnx" else None,
+                                activations)
         nbytes = math.ceil(params * bits / 8)
         note = ""
         if name == "lm_head" and shape.tied and fmt == "gguf":
@@ -292,10 +342,11 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
                                         read_per_token=name in ("language", "lm_head"), note=note)
 
     artifact = sum(c.bytes for c in comps.values())
-    kv_elem = _kv_bytes_per_element(fmt)
+    kv_elem = _kv_bytes_per_element(fmt, activations)
     kv = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * context_tokens * kv_elem
-    overhead = math.ceil((artifact + kv) * RUNTIME_OVERHEAD_FRACTION) + RUNTIME_OVERHEAD_FIXED_BYTES
-    runtime = artifact + kv + overhead
+    kv_copies = _kv_copies(recipe, shape)
+    overhead = math.ceil((artifact + kv * kv_copies) * RUNTIME_OVERHEAD_FRACTION) + RUNTIME_OVERHEAD_FIXED_BYTES
+    runtime = artifact + kv * kv_copies + overhead
 
     # Per decoded token the decoder streams every language and lm_head weight once and reads the
     # whole KV cache (the worst case, at the end of the context); one embedding row is looked up.
@@ -323,14 +374,15 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
     if runtime > usable:
         reasons.append(
             f"needs about {runtime / GB:.2f} GB at run time (weights {artifact / GB:.2f} GB + KV cache "
-            f"{kv / GB:.2f} GB at {context_tokens} tokens + overhead {overhead / GB:.2f} GB), but {target.name} "
+            f"{kv / GB:.2f} GB at {context_tokens} tokens{' x 2: past and present' if kv_copies == 2 else ''} + "
+            f"overhead {overhead / GB:.2f} GB), but {target.name} "
             f"leaves {target.usable_memory_gb:g} GB for a model"
         )
     if fmt == "tensorrt":
         reasons += _trt_build_reasons(recipe, target, comps, usable)
     return Plan(
         model=source, family=shape.family, recipe=recipe.name, target=target.name, format=fmt,
-        context_tokens=context_tokens, components=comps, artifact_bytes=artifact, kv_cache_bytes=kv,
+        context_tokens=context_tokens, components=comps, artifact_bytes=artifact, kv_cache_bytes=kv, kv_copies=kv_copies,
         kv_bytes_per_element=kv_elem, runtime_overhead_bytes=overhead, runtime_memory_bytes=runtime,
         usable_memory_bytes=usable, bytes_per_token=per_token, memory_bandwidth_gb_s=target.memory_bandwidth_gb_s,
         decode_ceiling_tok_s=ceiling, feasible=not reasons, reasons=reasons,
@@ -387,12 +439,13 @@ def _fixes(shape: _ModelShape, recipe: Recipe, target: Target, context: int, p: 
     if fits:
         fixes.append(f"a recipe that fits {target.name}: " + ", ".join(s for _, s in sorted(fits)[:4]))
 
-    # A shorter context, if the weights fit and only the KV cache does not.
+    # A shorter context, if the weights fit and only the KV cache does not, and what is left still
+    # holds one image and a short exchange (MIN_TURN_TOKENS).
     if memory_only:
-        kv_per_token = p.kv_cache_bytes / p.context_tokens
+        kv_per_token = p.kv_cache_bytes * p.kv_copies / p.context_tokens
         budget = (p.usable_memory_bytes - RUNTIME_OVERHEAD_FIXED_BYTES) / (1 + RUNTIME_OVERHEAD_FRACTION)
         max_ctx = int((budget - p.artifact_bytes) // kv_per_token) if kv_per_token else 0
-        if max_ctx >= 256:
+        if max_ctx >= shape.image_tokens + MIN_TURN_TOKENS:
             fixes.append(f"a context of at most {max_ctx} tokens (--context {max_ctx}; this plan assumed {context})")
 
     # Bigger or more capable shipped targets for this recipe, smallest first.

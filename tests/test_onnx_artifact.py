@@ -172,3 +172,46 @@ def test_fp16_recipe(artifact):
     assert m["parity"]["kld_mean"] < 0.01
     dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in dec.graph.initializer)
+
+
+def test_gpu_target_gets_an_fp16_graph_at_parity(tiny_dir, tmp_path):
+    """On a GPU target `int4` writes fp16 activations, KV cache and float weights (scales and fmin
+    offsets too), int4 in blocks of up to 128; the CPU runtime still runs it at parity."""
+    from edgemed.pipeline import compress
+    from edgemed.runtime import load
+
+    out = tmp_path / "gpu"
+    compress(str(tiny_dir("llava-siglip")), ["int4"], "jetson-orin-nano-8gb", out)
+    m = read_manifest(out)
+    assert m["runtime"]["activations"] == "fp16" and any("fp16 on jetson-orin-nano-8gb" in n for n in m["notes"])
+    dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    f16 = onnx.TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type for v in list(dec.graph.input) + list(dec.graph.output)}
+    assert types["inputs_embeds"] == types["past_key_values.0.key"] == types["present.0.value"] == f16
+    assert types["logits"] == f16
+    assert not any(t.data_type == onnx.TensorProto.FLOAT for t in dec.graph.initializer)
+    blocks = {next(a.i for a in n.attribute if a.name == "block_size")
+              for n in dec.graph.node if n.op_type == "MatMulNBits"}
+    hidden = m["model"]["text"]["hidden_size"]
+    assert blocks and max(blocks) == min(128, hidden)  # fit_block: the largest power of two <= 128 dividing K
+    assert _bits_by_component(out / "decoder_model_merged.onnx") == {"language": {4}, "lm_head": {8}}
+    # The vision and embedding graphs keep fp32 inputs and outputs around an fp16 body.
+    vis = onnx.load(str(out / "vision_encoder.onnx"), load_external_data=False)
+    assert vis.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == f16 for t in vis.graph.initializer)
+    assert m["parity"]["kld_mean"] < 0.01  # (a random tiny model has near ties: top-1 is no measure here)
+    s = load(out)
+    assert s._kv_dtype == np.float16
+    assert len(s.generate(None, "hello", max_new_tokens=4, stop_at_eos=False).token_ids) == 4
+
+
+def test_activations_follow_the_target_and_family():
+    from edgemed.steps.onnx_steps import onnx_activations
+    from edgemed.target import load_target
+
+    nano, cpu = load_target("jetson-orin-nano-8gb"), load_target("cpu-x86-avx2")
+    assert onnx_activations("auto", nano, "llava")[0] == "fp16"
+    assert onnx_activations("auto", cpu, "llava") == ("fp32", None)
+    act, why = onnx_activations("auto", nano, "gemma3")
+    assert act == "fp32" and "fp16" in why  # Gemma 3's activations leave fp16's range
+    assert onnx_activations("fp32", nano, "llava") == ("fp32", None)

@@ -79,8 +79,8 @@ def test_int4_language_policy_size_and_fit(llava7b, int4_recipe):
     assert 3.5e9 < p.artifact_bytes < 5.2e9
     assert p.feasible and p.reasons == [] and p.fixes == []
     check_feasible(p)  # no exception
-    # On the Orin Nano 8GB the same artifact does not fit at 2048 tokens: 5.13 GB of weights alone
-    # leave no room in 5.2 GB once the fp32 KV cache (2.15 GB) and the runtime are added.
+    # On the Orin Nano 8GB the same artifact does not fit at 2048 tokens: 4.4 GB of weights leave
+    # no room in 5.2 GB once the fp16 KV cache (1.07 GB) and the runtime are added.
     nano = plan(llava7b, int4_recipe, load_target("jetson-orin-nano-8gb"))
     assert nano.artifact_bytes == p.artifact_bytes
     assert not nano.feasible and "at run time" in nano.reasons[0]
@@ -88,7 +88,7 @@ def test_int4_language_policy_size_and_fit(llava7b, int4_recipe):
 
 
 def test_per_component_numbers_add_up(llava7b, int4_recipe):
-    p = plan(llava7b, int4_recipe, load_target("jetson-orin-nx-16gb"), context_tokens=2048)
+    p = plan(llava7b, int4_recipe, load_target("cpu-x86-avx2"), context_tokens=2048)
     c = p.components
     for comp in c.values():
         assert comp.bytes == math.ceil(comp.params * comp.bits_per_weight / 8)
@@ -114,7 +114,7 @@ def test_per_component_numbers_add_up(llava7b, int4_recipe):
 
 
 def test_decode_ceiling_is_bandwidth_over_bytes_per_token(llava7b, int4_recipe):
-    for name in ("jetson-orin-nx-16gb", "cpu-x86-avx2", "rtx-4090-24gb"):
+    for name in ("jetson-orin-nx-16gb", "rtx-4090-24gb", "cpu-x86-avx2"):
         t = load_target(name)
         p = plan(llava7b, int4_recipe, t)
         assert p.decode_ceiling_tok_s == pytest.approx(t.memory_bandwidth_gb_s * 1e9 / p.bytes_per_token)
@@ -170,6 +170,52 @@ def test_shipped_int4_and_int8_layouts(llava7b):
     assert p.components["lm_head"].bits_per_weight == pytest.approx(8 + 32 / 32)
     fast = plan(llava7b, load_recipe("int4-fast"), load_target("cpu-x86-avx2"))
     assert fast.components["language"].bits_per_weight == pytest.approx(4 + 36 / 32)
+
+
+def test_gpu_targets_get_the_fp16_layout(llava7b):
+    """On a GPU target onnx-quantize makes activations, float weights and the KV cache fp16, with
+    int4 in blocks of 128 and fp16 scales; the plan counts that artifact, not the CPU one."""
+    from edgemed.recipe import load_recipe
+
+    int4 = load_recipe("int4")
+    cpu = plan(llava7b, int4, load_target("cpu-x86-avx2"))
+    gpu = plan(llava7b, int4, load_target("jetson-orin-nano-8gb"))
+    assert cpu.kv_bytes_per_element == 4 and gpu.kv_bytes_per_element == 2
+    assert gpu.kv_cache_bytes * 2 == cpu.kv_cache_bytes
+    c = gpu.components
+    assert c["language"].bits_per_weight == pytest.approx(4 + (16 + 16) / 128)  # fmin: fp16 scale + fp16 offset
+    assert c["lm_head"].bits_per_weight == pytest.approx(8 + 16 / 32)  # int8 nbits, fp16 scale per 32
+    assert c["embed"].precision == "fp16" and c["embed"].bits_per_weight == 16
+    assert gpu.artifact_bytes < 0.75 * cpu.artifact_bytes
+    # 4.19 GB of weights + 1.07 GB of KV at 2048 tokens: more than the Nano's 5.2 GB. The context
+    # that would fit (509 tokens) cannot hold one image (576 tokens) and a turn, so it is not offered.
+    assert not gpu.feasible and not any("--context" in f for f in gpu.fixes)
+    roomier = load_target("jetson-orin-nano-8gb").model_copy(update={"name": "nano-headless", "usable_memory_gb": 5.6})
+    p = plan(llava7b, int4, roomier)
+    assert not p.feasible
+    ctx = int(next(f for f in p.fixes if "--context" in f).split("--context ")[1].split(";")[0])
+    assert ctx >= 576 + 256
+    assert plan(llava7b, int4, roomier, context_tokens=ctx).feasible
+    assert not plan(llava7b, int4, roomier, context_tokens=ctx + 8).feasible
+    # A recipe may keep fp32 activations on a GPU; Gemma 3 always does (its activations overflow fp16).
+    steps = [s.model_dump() for s in int4.steps]
+    steps[1]["args"] = {**steps[1]["args"], "activations": "fp32"}
+    fp32 = plan(llava7b, int4.model_copy(update={"steps": [type(int4.steps[0])(**s) for s in steps]}),
+                load_target("jetson-orin-nano-8gb"))
+    assert fp32.kv_bytes_per_element == 4 and fp32.artifact_bytes == cpu.artifact_bytes
+
+
+def test_a_concatenating_decoder_holds_two_kv_caches(llava7b, int4_recipe):
+    """torch.onnx's decoder returns present = concat(past, new) while past is still alive; the
+    builder's GroupQueryAttention (the default for Llama) updates one buffer in place."""
+    cpu = load_target("jetson-agx-orin-64gb")
+    fused = plan(llava7b, int4_recipe, cpu)
+    steps = [{"step": "onnx-export", "args": {"decoder": "torch"}}, *[s.model_dump() for s in int4_recipe.steps[1:]]]
+    concat = plan(llava7b, _recipe("int4-torch", steps, **INT4), cpu)
+    assert fused.kv_copies == 1 and concat.kv_copies == 2
+    assert concat.kv_cache_bytes == fused.kv_cache_bytes
+    assert concat.runtime_memory_bytes - fused.runtime_memory_bytes == pytest.approx(
+        fused.kv_cache_bytes * (1 + RUNTIME_OVERHEAD_FRACTION), abs=2)
 
 
 def test_to_dict_is_json_in_mb(llava7b, int4_recipe):

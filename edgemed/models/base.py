@@ -120,6 +120,11 @@ class Adapter:
     def image_facts(cls, config, tokenizer, processor) -> ImageFacts | None:
         return None
 
+    @classmethod
+    def num_image_tokens(cls, config) -> int | None:
+        """Feature vectors one image puts into the prompt, from the config alone (None: text-only)."""
+        return None
+
 
 def text_facts(adapter: type[Adapter], config, tokenizer=None) -> TextFacts:
     tc = adapter.text_config(config)

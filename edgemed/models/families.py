@@ -66,12 +66,18 @@ class LlavaAdapter(_TowerProjectorDecoder):
         return model.model.multi_modal_projector(torch.cat(hs, dim=-1))
 
     @classmethod
-    def image_facts(cls, config, tokenizer, processor):
+    def num_image_tokens(cls, config) -> int:
         vc = config.vision_config
-        ip = processor.image_processor if processor is not None else None
         n = (vc.image_size // vc.patch_size) ** 2
         if vc.model_type == "clip_vision_model" and config.vision_feature_select_strategy == "full":
             n += 1
+        return n
+
+    @classmethod
+    def image_facts(cls, config, tokenizer, processor):
+        vc = config.vision_config
+        ip = processor.image_processor if processor is not None else None
+        n = cls.num_image_tokens(config)
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         if ip is not None and getattr(ip, "crop_size", None) and getattr(ip, "do_center_crop", False):
             mode, shortest = "shortest_edge_center_crop", _size_of(ip.size, "shortest_edge")
@@ -134,10 +140,15 @@ class Idefics3Adapter(Adapter):
         return model.model.connector(out.last_hidden_state)
 
     @classmethod
+    def num_image_tokens(cls, config) -> int:
+        vc = config.vision_config
+        return int((vc.image_size // vc.patch_size) ** 2 // (config.scale_factor**2))
+
+    @classmethod
     def image_facts(cls, config, tokenizer, processor):
         vc = config.vision_config
         ip = processor.image_processor if processor is not None else None
-        n = (vc.image_size // vc.patch_size) ** 2 // (config.scale_factor**2)
+        n = cls.num_image_tokens(config)
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         return ImageFacts(
             image_size=vc.image_size,
@@ -187,6 +198,10 @@ class Gemma3Adapter(_TowerProjectorDecoder):
         return model.model.multi_modal_projector(out.last_hidden_state)
 
     @classmethod
+    def num_image_tokens(cls, config) -> int:
+        return int(config.mm_tokens_per_image)
+
+    @classmethod
     def image_facts(cls, config, tokenizer, processor):
         vc = config.vision_config
         ip = processor.image_processor if processor is not None else None
@@ -201,7 +216,7 @@ class Gemma3Adapter(_TowerProjectorDecoder):
             resample=_pil_resample_name(getattr(ip, "resample", 2)),
             resize_mode="squash",
             rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
-            num_image_tokens=config.mm_tokens_per_image,
+            num_image_tokens=cls.num_image_tokens(config),
             image_token=token,
             image_token_id=config.image_token_id,
             prefix=f"\n\n{boi}",

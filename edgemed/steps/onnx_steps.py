@@ -70,6 +70,17 @@ def _block_size(v: int) -> int:
 BlockSize = Annotated[int, AfterValidator(_block_size)]
 
 
+def fit_block(k: int, block: int) -> int:
+    """The largest power-of-two block <= `block` (and >= 16) that divides K, else `block` (such a
+    MatMul goes to ONNX Runtime's rtn, which pads the last block). SmolLM2's K = 576 takes 64
+    when 128 is asked: padded rtn blocks of 128 there cost KLD 1.48 on the demo model, fmin
+    blocks of 64 1.01."""
+    b = block
+    while k % b and b > 16:
+        b //= 2
+    return b if k % b == 0 else block
+
+
 class Int4Args(StepArgs):
     # fmin: affine blocks with a float minimum (llama.cpp's Q4_1 grid), run on ONNX Runtime's fast
     # symmetric MatMulNBits kernel plus a small block-sum correction (see _fmin). rtn, hqq and
@@ -79,6 +90,10 @@ class Int4Args(StepArgs):
     # (edgemed.steps.gptq); decoder graph only, other graphs use rtn.
     algorithm: Literal["fmin", "rtn", "gptq", "hqq", "k_quant"] = "fmin"
     block_size: BlockSize = 32
+    # Where activations are fp16 (GPU targets, see OnnxQuantizeArgs.activations) scales are fp16
+    # and blocks are 128, the W4A16 group of AWQ and TensorRT-LLM: decode there is bound by the
+    # bytes read, and block 32 would cost 4.5 (rtn) to 5.0 (fmin) bits per weight instead of 4.1-4.25.
+    fp16_block_size: BlockSize = 128
     symmetric: bool = False
     # 4 = int8 activations inside MatMulNBits: the fastest CPU kernels (ORT docs).
     accuracy_level: int = Field(4, ge=0, le=4)
@@ -103,6 +118,27 @@ class Int8Args(StepArgs):
 class OnnxQuantizeArgs(StepArgs):
     int4: Int4Args = Field(default_factory=Int4Args)
     int8: Int8Args = Field(default_factory=Int8Args)
+    # The float type of activations, float weights and the KV cache. auto: fp16 on a target whose
+    # accelerator is a GPU that runs fp16 (tensor cores; half the KV cache and the float weights),
+    # fp32 on a CPU (ONNX Runtime's CPU kernels are fastest in fp32), and fp32 for the families in
+    # FP32_ONLY_FAMILIES whatever the target.
+    activations: Literal["auto", "fp32", "fp16"] = "auto"
+
+
+# Families whose activations leave fp16's range (|x| <= 65504): an fp16 graph would compute inf/NaN.
+FP32_ONLY_FAMILIES = {"gemma3": "Gemma 3 was trained in bf16 and its residual stream exceeds fp16's range"}
+
+
+def onnx_activations(choice: str, target, family: str) -> tuple[str, str | None]:
+    """(fp32 | fp16, why) for an ONNX artifact of `family` on `target` (a Target or None)."""
+    if choice != "auto":
+        return choice, None
+    acc = getattr(target, "accelerator", None)
+    if acc is None or acc.kind != "gpu" or "fp16" not in target.precisions:
+        return "fp32", None
+    if family in FP32_ONLY_FAMILIES:
+        return "fp32", f"activations stay fp32 on {target.name}: {FP32_ONLY_FAMILIES[family]}"
+    return "fp16", f"activations, float weights and the KV cache are fp16 on {target.name} (a GPU)"
 
 
 class OnnxQuantize(Step):
@@ -117,6 +153,13 @@ class OnnxQuantize(Step):
         if policy.embed not in ("fp32", "fp16"):
             raise BadInputError(f"recipe {ctx.recipe.name}: policy.embed", f"'{policy.embed}' is not supported for ONNX",
                                 "use fp32 or fp16 for embed")
+        activations, why = onnx_activations(self.args.activations, ctx.target, ctx.cm.family)
+        ctx.runtime["activations"] = activations
+        if activations == "fp16":
+            why = (why or "activations, float weights and the KV cache are fp16 (the recipe says so)") + \
+                f"; int4 in blocks of up to {self.args.int4.fp16_block_size} with fp16 scales"
+        if why:
+            ctx.notes.append(why)
         for graph in GRAPHS:
             path = ctx.work_dir / graph
             if not path.exists():
@@ -125,7 +168,7 @@ class OnnxQuantize(Step):
             feeds = None
             if graph == "decoder_model_merged.onnx" and self.args.int4.algorithm == "gptq":
                 feeds = lambda: _decoder_feeds(ctx, self.args.int4.calibration_samples)  # noqa: E731
-            precisions = quantize_graph(path, policy, self.args, feeds)
+            precisions = quantize_graph(path, policy, self.args, feeds, activations)
             ctx.describe(graph, component=_graph_component(graph), fmt="onnx",
                          precision="+".join(sorted(set(precisions.values()))) or "fp32")
 
@@ -202,12 +245,16 @@ def _gemm_to_matmul(model) -> int:
     return converted
 
 
-def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds=None) -> dict[str, str]:
+def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds=None,
+                   activations: str = "fp32") -> dict[str, str]:
     """Quantize one graph in place. Returns {component: precision} for the components present.
-    calibration_feeds: a callable giving input feeds for this graph (needed by gptq)."""
+    calibration_feeds: a callable giving input feeds for this graph (needed by gptq).
+    activations fp16: int4 in blocks of args.int4.fp16_block_size, then the whole graph in fp16
+    (the decoder's inputs_embeds, KV cache and logits too; the other graphs keep fp32 inputs and
+    outputs, cast inside); components the policy leaves at fp32 are stored fp16."""
     import onnx
 
-    from edgemed.export.onnx import node_components
+    from edgemed.export.onnx import DECODER, node_components
 
     model = onnx.load(str(path))
     _fold_weight_transposes(model)
@@ -225,27 +272,41 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds
         if prec not in ("fp32", "fp16", "int8", "int4"):
             raise BadInputError(f"{path.name}: policy", f"precision '{prec}' cannot be expressed in ONNX",
                                 "use fp32, fp16, int8 or int4 for ONNX recipes")
+    block4 = args.int4.fp16_block_size if activations == "fp16" else args.int4.block_size
     if by_prec.get("int4"):
         if args.int4.algorithm == "fmin":
-            model = _fmin(model, by_prec["int4"], args.int4.block_size, args.int4.accuracy_level)
+            model = _fmin(model, by_prec["int4"], block4, args.int4.accuracy_level)
         elif args.int4.algorithm == "gptq" and calibration_feeds is not None:
-            model = _gptq(model, by_prec["int4"], args.int4.block_size, args.int4.accuracy_level, calibration_feeds())
-        elif args.int4.algorithm == "gptq":
-            model = _nbits(model, by_prec["int4"], 4, args.int4.block_size, False, args.int4.accuracy_level, "rtn")
+            model = _gptq(model, by_prec["int4"], block4, args.int4.accuracy_level, calibration_feeds())
         else:
-            model = _nbits(model, by_prec["int4"], 4, args.int4.block_size, args.int4.symmetric,
-                           args.int4.accuracy_level, args.int4.algorithm)
+            algorithm = "rtn" if args.int4.algorithm == "gptq" else args.int4.algorithm
+            symmetric = False if args.int4.algorithm == "gptq" else args.int4.symmetric
+            for block, nodes in _by_fitted_block(model, by_prec["int4"], block4).items():
+                model = _nbits(model, nodes, 4, block, symmetric, args.int4.accuracy_level, algorithm)
     if by_prec.get("int8"):
         if args.int8.method == "nbits":
             model = _nbits(model, by_prec["int8"], 8, args.int8.block_size, args.int8.symmetric,
                            args.int8.accuracy_level, "rtn")
         else:
             model = _int8_dynamic(model, path, by_prec["int8"], args.int8)
-    if "fp16" in wanted.values():
-        model = _fp16(model, [c for c, p in wanted.items() if p == "fp16"], comps)
     _retag_and_check(model, comps, by_prec, path.name)
+    if activations == "fp16":
+        model = _fp16_graph(model, keep_io_types=path.name != DECODER)
+        wanted = {c: "fp16" if p == "fp32" else p for c, p in wanted.items()}
+    elif "fp16" in wanted.values():
+        model = _fp16(model, [c for c, p in wanted.items() if p == "fp16"], comps)
     _save(model, path)
     return wanted
+
+
+def _by_fitted_block(model, nodes: list[str], block: int) -> dict[int, list[str]]:
+    """Group MatMuls by fit_block(K, block), for the quantizers that take one block size per call."""
+    dims = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 2}
+    k_of = {n.name: dims.get(n.input[1], block) for n in model.graph.node if n.name in set(nodes)}
+    groups: dict[int, list[str]] = {}
+    for name in nodes:
+        groups.setdefault(fit_block(k_of.get(name, block), block), []).append(name)
+    return groups
 
 
 def replace_nodes(model, nodes: list, new_initializers: list) -> None:
@@ -328,6 +389,7 @@ def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
     from onnx import helper, numpy_helper
 
     wanted = set(nodes)
+    requested_block = block_size
     inits = {t.name: t for t in model.graph.initializer}
     new_nodes, new_inits, blocksums, rtn_fallback = [], [], {}, []
     for node in model.graph.node:
@@ -336,6 +398,7 @@ def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
             continue
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         k, n = w.shape
+        block_size = fit_block(k, requested_block)
         if k % block_size:
             rtn_fallback.append(node.name)
             new_nodes.append(node)
@@ -366,7 +429,7 @@ def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
             helper.make_node("MatMul", [blocksums[(x, k)], f"{name}.offsets"], [f"{name}.offset"], name=f"{name}_offset"),
             helper.make_node("Add", [f"{name}.main", f"{name}.offset"], [node.output[0]], name=f"{name}_fmin"),
         ]
-    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "fmin")
+    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, requested_block, accuracy_level, "fmin")
 
 
 def _finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], block_size: int,
@@ -402,16 +465,17 @@ def _gptq(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: 
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
         k, n = w.shape
-        if k % block_size:
+        b = fit_block(k, block_size)
+        if k % b:
             rtn_fallback.append(node.name)
             new_nodes.append(node)
             continue
-        q, scales, zps = gptq_quantize(w, h[node.input[0]], block_size)
-        new_inits += matmulnbits_initializers(node.name, q, scales, zps, block_size)
+        q, scales, zps = gptq_quantize(w, h[node.input[0]], b)
+        new_inits += matmulnbits_initializers(node.name, q, scales, zps, b)
         new_nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], f"{node.name}.q4", f"{node.name}.scales", f"{node.name}.zero_points"],
             list(node.output), name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4,
-            block_size=block_size, accuracy_level=accuracy_level))
+            block_size=b, accuracy_level=accuracy_level))
     return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "gptq")
 
 
@@ -470,6 +534,17 @@ def _fp16(model, components: list[str], comps: dict[str, str]):
     block = [n.name for n in model.graph.node if comps.get(n.name) not in components]
     return convert_float_to_float16(model, keep_io_types=True, node_block_list=block,
                                     op_block_list=["MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear",
+                                                   "DequantizeLinear", "QuantizeLinear"])
+
+
+def _fp16_graph(model, keep_io_types: bool):
+    """Every float tensor fp16, MatMulNBits scales and fmin offsets included (the quantizers wrote
+    them fp32 from fp32 weights; rounding a scale to fp16 moves it by at most 2^-11 of itself).
+    int8 dynamic quantization stays fp32 inside casts: DynamicQuantizeLinear takes fp32 only."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=keep_io_types,
+                                    op_block_list=["MatMulInteger", "DynamicQuantizeLinear",
                                                    "DequantizeLinear", "QuantizeLinear"])
 
 
