@@ -19,10 +19,10 @@ metadata is one JSON string. Only :func:`cache_parent_reference` needs torch (im
 through :class:`edgemed.bench.parent.ParentSession`).
 
 The gate suite (:func:`gate_items`) is small and built in: yes/no finding questions on
-synthetic radiographs (normal ones, ones with a nodule, ones with an effusion), a few yes/no
-medical facts as text, and the parity prompts. Its images use seeds 101-106, disjoint from the
-parity image (seed 0) and from any calibration set (edgemed's calibration never draws from
-these generators), so gates are not scored on what a quantizer calibrated on.
+`synthetic-cxr` radiographs (normal ones, ones with a nodule, ones with an effusion), a few yes/no
+medical facts as text, and the parity prompts. Its images are drawn by the generator under seeds
+101-106, disjoint from the parity image and from the calibration split (seed 0), so gates are not
+scored on what a quantizer calibrated on.
 """
 from __future__ import annotations
 
@@ -45,9 +45,9 @@ FULL_LOGITS_MAX_BYTES = 16_000_000
 TOPK = 64
 GATE_MAX_NEW_TOKENS = 8
 
-_FINDING_QUESTIONS = {
-    "nodule": "Is there a lung nodule on this chest radiograph?",
-    "effusion": "Is there a pleural effusion on this chest radiograph?",
+_FINDING_QUESTIONS = {  # the synthetic-cxr generator's own wording
+    "nodule": "Is there a nodule?",
+    "effusion": "Is there a pleural effusion?",
 }
 _TEXT_FACTS = (
     ("Is the heart located in the thorax?", "yes"),
@@ -60,21 +60,15 @@ _GATE_IMAGES = (("normal", 101), ("normal", 102), ("nodule", 103), ("nodule", 10
 
 
 def gate_image(finding: str, seed: int, size: int = 96):
-    """A synthetic radiograph: normal, with a round bright nodule, or with a bright lower band."""
+    """A `synthetic-cxr` radiograph with `finding` (normal, nodule, effusion, ...), drawn by the
+    generator under its own seed, so no calibration or training split holds it. 96 px: the size
+    of the parity image (the reference cache holds one image size)."""
     from PIL import Image
 
-    from edgemed.parity import synthetic_test_image
+    from edgemed.data.synthetic_cxr import FINDINGS, image_spec, render, to_uint8
 
-    arr = np.asarray(synthetic_test_image(size, seed), dtype=np.float64)
-    rng = np.random.default_rng(seed + 10_000)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    if finding == "nodule":
-        cx, cy = rng.uniform(0.2, 0.8), rng.uniform(0.25, 0.6)
-        arr += 120 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 0.002)[..., None]
-    elif finding == "effusion":
-        side = rng.uniform(0.15, 0.35) if rng.random() < 0.5 else rng.uniform(0.65, 0.85)
-        arr += (90 * (yy > 0.7) * np.exp(-((xx - side) ** 2) / 0.02))[..., None]
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    spec = image_spec(seed, "test", FINDINGS.index(finding))  # the finding cycles with the index
+    return Image.fromarray(to_uint8(render(spec, size, seed))).convert("RGB")
 
 
 def gate_items(multimodal: bool = True) -> list[Item]:

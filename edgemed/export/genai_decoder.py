@@ -57,7 +57,12 @@ def _write_text_model(cm: CompositeModel, folder: Path) -> None:
     theta = (cfg.get("rope_parameters") or {}).get("rope_theta")
     if theta is not None and "rope_theta" not in cfg:
         cfg["rope_theta"] = theta
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    # A model read from a GGUF keeps transformers' `quantization_config` (quant_method gguf) though
+    # its weights are dequantized in memory; the builder refuses any such config, so the decoder of
+    # every GGUF-sourced model (the demo's SmolLM2 included) fell back to torch.onnx. The weights
+    # written below are plain floats.
+    cfg.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     lm = cm.adapter.language_model(cm.model)
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in lm.state_dict().items()}
     tensors["lm_head.weight"] = cm.adapter.lm_head(cm.model).weight.detach().contiguous().clone()
