@@ -302,7 +302,8 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds
 def _by_fitted_block(model, nodes: list[str], block: int) -> dict[int, list[str]]:
     """Group MatMuls by fit_block(K, block), for the quantizers that take one block size per call."""
     dims = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) == 2}
-    k_of = {n.name: dims.get(n.input[1], block) for n in model.graph.node if n.name in set(nodes)}
+    wanted = set(nodes)
+    k_of = {n.name: dims.get(n.input[1], block) for n in model.graph.node if n.name in wanted}
     groups: dict[int, list[str]] = {}
     for name in nodes:
         groups.setdefault(fit_block(k_of.get(name, block), block), []).append(name)
