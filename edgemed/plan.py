@@ -207,8 +207,9 @@ def _apply_step_config_hooks(recipe: Recipe, config):
     return config
 
 
-def _onnx_args(recipe: Recipe) -> dict:
-    return next((s.args for s in recipe.steps if s.step == "onnx-quantize" and isinstance(s.args, dict)), {})
+def _step_args(recipe: Recipe, step: str) -> dict:
+    """The args of the recipe's first `step` step ({} when it has none)."""
+    return next((s.args for s in recipe.steps if s.step == step and isinstance(s.args, dict)), {})
 
 
 def _activations(recipe: Recipe, target: Target, family: str) -> str:
@@ -217,7 +218,7 @@ def _activations(recipe: Recipe, target: Target, family: str) -> str:
         return "fp32"
     from edgemed.steps.onnx_steps import onnx_activations
 
-    return onnx_activations(_onnx_args(recipe).get("activations", "auto"), target, family)[0]
+    return onnx_activations(_step_args(recipe, "onnx-quantize").get("activations", "auto"), target, family)[0]
 
 
 def _int4_layout(recipe: Recipe, fmt: str | None, activations: str = "fp32") -> tuple[int, int, int]:
@@ -234,7 +235,7 @@ def _int4_layout(recipe: Recipe, fmt: str | None, activations: str = "fp32") -> 
     """
     if fmt == "tensorrt":
         return 128, 2, 0
-    int4 = _onnx_args(recipe).get("int4") or {}
+    int4 = _step_args(recipe, "onnx-quantize").get("int4") or {}
     fp16 = activations == "fp16"
     block = int(int4.get("fp16_block_size", 128) if fp16 else int4.get("block_size", 32))
     symmetric = bool(int4.get("symmetric", False))
@@ -248,12 +249,9 @@ def _int4_layout(recipe: Recipe, fmt: str | None, activations: str = "fp32") -> 
 def _int8_block(recipe: Recipe) -> int | None:
     """Block size of weight-only int8 (MatMulNBits bits 8, one fp32 scale per block), or None for
     per-channel int8 (quantize_dynamic)."""
-    for s in recipe.steps:
-        int8 = s.args.get("int8") if isinstance(s.args, dict) else None
-        if isinstance(int8, dict) and int8.get("method", "nbits") == "nbits":
-            return int(int8.get("block_size", 32))
-        if isinstance(int8, dict):
-            return None
+    int8 = _step_args(recipe, "onnx-quantize").get("int8")
+    if isinstance(int8, dict) and int8.get("method", "nbits") == "nbits":
+        return int(int8.get("block_size", 32))
     return None
 
 
@@ -310,8 +308,8 @@ def _kv_copies(recipe: Recipe, shape: _ModelShape) -> int:
     GroupQueryAttention, llama.cpp and TensorRT update one cache in place."""
     if recipe.format != "onnx":
         return 1
-    export = next((s.args for s in recipe.steps if s.step == "onnx-export" and isinstance(s.args, dict)), {})
-    return 1 if shape.builder_decoder and export.get("decoder", "auto") != "torch" else 2
+    decoder = _step_args(recipe, "onnx-export").get("decoder", "auto")
+    return 1 if shape.builder_decoder and decoder != "torch" else 2
 
 
 def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens: int, source: str) -> Plan:
@@ -394,7 +392,7 @@ def _trt_build_reasons(recipe: Recipe, target: Target, comps: dict[str, Componen
     lm_head). TensorRT holds the parsed weights and the engine being built at once, plus the builder
     workspace (the recipe's share of usable memory, capped) and its CUDA context. On a Jetson both
     copies sit in the one shared DRAM; on a discrete GPU the parsed copy is in host memory."""
-    args = next((s.args for s in recipe.steps if s.step == "tensorrt-export"), {})
+    args = _step_args(recipe, "tensorrt-export")
     workspace = min(usable * float(args.get("workspace_fraction", 0.25)), float(args.get("max_workspace_gb", 4.0)) * GB)
     decoder = sum(c.bytes for n, c in comps.items() if n in ("language", "lm_head"))
     shared = bool(target.accelerator and target.accelerator.memory_shared_with_cpu)
