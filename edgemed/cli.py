@@ -93,7 +93,9 @@ def plan(
     model: Optional[str] = typer.Argument(None, help="Hub id or folder (config.json alone is enough); omitted: the demo model."),
     recipe: List[str] = typer.Option(None, "--recipe", "-r", help="Recipe name or YAML file (repeatable)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name or YAML file."),
-    context: int = typer.Option(2048, help="Context length (tokens) for the KV-cache estimate."),
+    context: Optional[int] = typer.Option(
+        None, help="Context length (tokens) for the KV-cache estimate; default 2048, or the longest that fits "
+                   "the target if that still holds one image and a short exchange."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ):
     """Check recipe x target x model before any heavy work: sizes, memory, decode ceiling."""
@@ -115,9 +117,14 @@ def plan(
         console.print(t)
         d = p.to_dict()
         for k in ("artifact_mb", "kv_cache_mb", "kv_bytes_per_element", "kv_copies", "runtime_memory_mb",
-                  "usable_memory_mb", "bytes_per_token_mb", "decode_ceiling_tok_s"):
+                  "usable_memory_mb", "bytes_per_token_mb", "decode_ceiling_tok_s", "context_tokens"):
             if k in d:
                 console.print(f"{k}: {d[k]}")
+        for c, e in d["components"].items():
+            if e.get("note"):
+                console.print(f"{c}: {e['note']}")
+        for n in d["notes"]:
+            console.print(f"note: {n}")
     check_feasible(p)
     console.print("[green]feasible[/green]")
 

@@ -39,12 +39,14 @@ FORMAT_PRECISIONS: dict[str, set[str]] = {
     "tensorrt": {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"},
 }
 # onnx-quantize keeps the embedding table (a Gather, not a MatMul) in float.
-COMPONENT_FORMAT_PRECISIONS: dict[tuple[str, str], set[str]] = {("onnx", "embed"): {"fp32", "fp16"}}
+COMPONENT_FORMAT_PRECISIONS: dict[tuple[str, str], set[str]] = {("onnx", "embed"): {"fp32", "fp16", "int8"}}
 # Every target can run the fp32 reference on its CPU, listed or not.
 ALWAYS_RUNNABLE = {"fp32", "f32"}
 
 # The shortest context worth suggesting: a question and a short answer (plus one image's tokens).
 MIN_TURN_TOKENS = 256
+# The context a plan assumes when none is given, unless only a shorter one fits the target.
+DEFAULT_CONTEXT_TOKENS = 2048
 
 MB = 1e6
 GB = 1e9
@@ -82,6 +84,7 @@ class Plan(BaseModel):
     feasible: bool
     reasons: list[str] = []
     fixes: list[str] = []
+    notes: list[str] = []
 
     @property
     def total_params(self) -> int:
@@ -124,24 +127,51 @@ class Plan(BaseModel):
             "feasible": self.feasible,
             "reasons": list(self.reasons),
             "fixes": list(self.fixes),
+            "notes": list(self.notes),
         }
 
 
 # --- the public API ------------------------------------------------------------------------
 
-def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int = 2048) -> Plan:
+def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int | None = None) -> Plan:
     """Estimate sizes, run-time memory and the decode ceiling, and list every reason the
-    combination cannot run. Reads config.json only: a folder holding just that is enough."""
+    combination cannot run. Reads config.json only: a folder holding just that is enough.
+
+    context_tokens None: DEFAULT_CONTEXT_TOKENS, or, where only the KV cache keeps the plan from
+    fitting, the longest context that fits if it still holds one image and a short exchange
+    (image tokens + MIN_TURN_TOKENS), as one would start llama.cpp with `-c`; the plan says so in
+    its notes. A context given explicitly is planned as given."""
     from edgemed.models import adapter_for, load_config
 
     config = load_config(model_source)
     adapter = adapter_for(config, model_source)
     config = _apply_step_config_hooks(recipe, config)
     shape = _ModelShape.from_config(adapter, config)
-    p = _estimate(shape, recipe, target, context_tokens, model_source)
+    context = context_tokens or DEFAULT_CONTEXT_TOKENS
+    p = _estimate(shape, recipe, target, context, model_source)
+    if not p.feasible and context_tokens is None:
+        fit = _max_context(shape, p)
+        if fit is not None and fit < context:
+            shorter = _estimate(shape, recipe, target, fit, model_source)
+            if shorter.feasible:
+                shorter.notes.append(f"context limited to {fit} tokens, the most that fits {target.name} "
+                                     f"({context} would need {p.runtime_memory_bytes / GB:.2f} GB); "
+                                     f"--context sets it")
+                return shorter
     if not p.feasible:
-        p.fixes = _fixes(shape, recipe, target, context_tokens, p)
+        p.fixes = _fixes(shape, recipe, target, context, p)
     return p
+
+
+def _max_context(shape: "_ModelShape", p: Plan) -> int | None:
+    """The longest context (a multiple of 64) whose KV cache fits beside the weights, where memory is
+    the only reason the plan fails and that context still holds one image and a short exchange."""
+    if not all(r.startswith("needs about") for r in p.reasons) or not p.kv_cache_bytes:
+        return None
+    kv_per_token = p.kv_cache_bytes * p.kv_copies / p.context_tokens
+    budget = (p.usable_memory_bytes - RUNTIME_OVERHEAD_FIXED_BYTES) / (1 + RUNTIME_OVERHEAD_FRACTION)
+    fit = int((budget - p.artifact_bytes) // kv_per_token) // 64 * 64
+    return fit if fit >= shape.image_tokens + MIN_TURN_TOKENS else None
 
 
 def check_feasible(plan: Plan) -> None:
@@ -161,11 +191,12 @@ def check_feasible(plan: Plan) -> None:
 class _ModelShape:
     """What the estimate needs from a config: per-component parameter counts and a few sizes."""
 
-    _counts_cache: dict[str, dict[str, int]] = {}
+    _counts_cache: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
 
     def __init__(self, family: str, counts: dict[str, int], facts, vision_hidden: int | None, tied: bool,
-                 builder_decoder: bool = False, image_tokens: int = 0):
+                 builder_decoder: bool = False, image_tokens: int = 0, linears: dict[str, int] | None = None):
         self.family, self.counts, self.facts = family, counts, facts
+        self.linears = linears or {}  # the language model's Linear layers: qualified name -> params
         self.image_tokens = image_tokens
         self.vision_hidden, self.tied = vision_hidden, tied
         # onnx-export's decoder=auto uses onnxruntime-genai's builder here (see genai_decoder)
@@ -176,15 +207,15 @@ class _ModelShape:
         import importlib.util
 
         from edgemed.export.genai_decoder import BUILDER_ARCHS
-        from edgemed.models import component_param_counts
+        from edgemed.models import param_counts
         from edgemed.models.base import text_facts
 
         # Building the meta model takes a second or two for a 7B; `plan` is called repeatedly
         # (hints, the CLI, compress), so cache by the config's full JSON.
         key = config.to_json_string()
         if key not in cls._counts_cache:
-            cls._counts_cache[key] = component_param_counts(config)
-        counts = cls._counts_cache[key]
+            cls._counts_cache[key] = param_counts(config)
+        counts, linears = cls._counts_cache[key]
         vc = getattr(config, "vision_config", None)
         tc = adapter.text_config(config)
         tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
@@ -192,7 +223,14 @@ class _ModelShape:
                    and importlib.util.find_spec("onnxruntime_genai") is not None)
         return cls(adapter.family, counts, text_facts(adapter, config),
                    getattr(vc, "hidden_size", None) if vc is not None else None, tied, builder,
-                   (adapter.num_image_tokens(config) or 0) if vc is not None else 0)
+                   (adapter.num_image_tokens(config) or 0) if vc is not None else 0, linears)
+
+    def language_share(self, patterns: list[str]) -> float:
+        """The fraction of the language model's parameters in Linear layers whose name contains one
+        of `patterns` (onnx-quantize's int8_projections match node names the same way)."""
+        total = self.counts.get("language", 0)
+        hit = sum(p for name, p in self.linears.items() if any(s in name for s in patterns))
+        return min(hit / total, 1.0) if total else 0.0
 
 
 def _apply_step_config_hooks(recipe: Recipe, config):
@@ -239,11 +277,19 @@ def _int4_layout(recipe: Recipe, fmt: str | None, activations: str = "fp32") -> 
     fp16 = activations == "fp16"
     block = int(int4.get("fp16_block_size", 128) if fp16 else int4.get("block_size", 32))
     symmetric = bool(int4.get("symmetric", False))
-    algorithm = int4.get("algorithm", "fmin")
+    algorithm = int4.get("algorithm", "mse")
     float_bytes = 2 if fp16 else 4
     if algorithm in ("fmin", "hqq"):
         return block, float_bytes, float_bytes * 8
     return block, float_bytes, 0 if symmetric else 4
+
+
+def _int8_projections(recipe: Recipe, fmt: str | None, activations: str) -> list[str]:
+    """The language projections onnx-quantize keeps at int8 in an int4 model (CPU layout only)."""
+    if fmt != "onnx" or activations != "fp32":
+        return []
+    int4 = _step_args(recipe, "onnx-quantize").get("int4") or {}
+    return list(int4.get("int8_projections") or [])
 
 
 def _int8_block(recipe: Recipe) -> int | None:
@@ -331,8 +377,14 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
         in_features = shape.vision_hidden if (name == "vision" and shape.vision_hidden) else facts.hidden_size
         bits = _bits_per_weight(prec, fmt, in_features, int4, _int8_block(recipe) if fmt == "onnx" else None,
                                 activations)
-        nbytes = math.ceil(params * bits / 8)
         note = ""
+        keep8 = _int8_projections(recipe, fmt, activations) if name == "language" and prec == "int4" else []
+        share = shape.language_share(keep8) if keep8 else 0.0
+        if share:
+            bits8 = _bits_per_weight("int8", fmt, in_features, int4, _int8_block(recipe), activations)
+            bits = share * bits8 + (1 - share) * bits
+            note = f"{share:.0%} of it int8 ({', '.join(keep8)})"
+        nbytes = math.ceil(params * bits / 8)
         if name == "lm_head" and shape.tied and fmt == "gguf":
             # llama.cpp stores a tied output matrix once, as token_embd, and reads it per token.
             nbytes, note = 0, "tied: stored once as the embedding table"
@@ -424,7 +476,6 @@ def _shipped(kind: str) -> list:
 
 def _fixes(shape: _ModelShape, recipe: Recipe, target: Target, context: int, p: Plan) -> list[str]:
     fixes: list[str] = []
-    memory_only = all(r.startswith("needs about") for r in p.reasons)
 
     # Other shipped recipes that would run on this target (same checks, same context).
     fits = []
@@ -439,12 +490,9 @@ def _fixes(shape: _ModelShape, recipe: Recipe, target: Target, context: int, p: 
 
     # A shorter context, if the weights fit and only the KV cache does not, and what is left still
     # holds one image and a short exchange (MIN_TURN_TOKENS).
-    if memory_only:
-        kv_per_token = p.kv_cache_bytes * p.kv_copies / p.context_tokens
-        budget = (p.usable_memory_bytes - RUNTIME_OVERHEAD_FIXED_BYTES) / (1 + RUNTIME_OVERHEAD_FRACTION)
-        max_ctx = int((budget - p.artifact_bytes) // kv_per_token) if kv_per_token else 0
-        if max_ctx >= shape.image_tokens + MIN_TURN_TOKENS:
-            fixes.append(f"a context of at most {max_ctx} tokens (--context {max_ctx}; this plan assumed {context})")
+    max_ctx = _max_context(shape, p)
+    if max_ctx is not None and max_ctx < context:
+        fixes.append(f"a context of at most {max_ctx} tokens (--context {max_ctx}; this plan assumed {context})")
 
     # Bigger or more capable shipped targets for this recipe, smallest first.
     targets = []

@@ -43,8 +43,14 @@ def test_quantized_artifact_layout_and_manifest(artifact, recipe):
     ins = [i.name for i in dec.graph.input]
     assert {"inputs_embeds", "attention_mask", "past_key_values.1.value"} <= set(ins)
     assert "present.1.value" in [o.name for o in dec.graph.output]
-    language = {4} if recipe.startswith("int4") else {8}
+    language = {"int8": {8}, "int4": {4, 8}}.get(recipe, {4})
     assert _bits_by_component(out / "decoder_model_merged.onnx") == {"language": language, "lm_head": {8}}
+    if recipe == "int4":  # attention q/k/v and MLP down at int8 on a CPU target, the rest int4
+        for n in dec.graph.node:
+            if n.op_type == "MatMulNBits" and "language" in str(n.metadata_props):
+                bits = next(a.i for a in n.attribute if a.name == "bits")
+                assert (bits == 8) == any(p in n.name for p in ("q_proj", "k_proj", "v_proj", "down_proj")), n.name
+        assert "GatherBlockQuantized" in _ops(out / "embed_tokens.onnx")  # int8 embedding table
     # The vision tower and projector stay >= 8 bit in every shipped recipe.
     assert _bits_by_component(out / "vision_encoder.onnx") == {"vision": {8}, "projector": {8}}
     assert m["parity"]["kld_mean"] < 0.05
@@ -215,3 +221,24 @@ def test_activations_follow_the_target_and_family():
     act, why = onnx_activations("auto", nano, "gemma3")
     assert act == "fp32" and "fp16" in why  # Gemma 3's activations leave fp16's range
     assert onnx_activations("fp32", nano, "llava") == ("fp32", None)
+
+
+def test_shared_kv_cache_decodes_through_its_kept_binding_and_growth(artifact):
+    """The builder's decoder updates one KV buffer per layer in place; the runtime keeps one binding
+    across steps and rebinds when the buffers grow (past 256 tokens here). Token-by-token decoding
+    through both must give the logits of one prefill over the same tokens."""
+    import edgemed.runtime
+
+    s = edgemed.runtime.load(artifact("llava-siglip", "fp32"))
+    assert s._shared_kv
+    ids = np.resize(s.prompt_ids("Is there a pleural effusion on the left?", False), 300)
+    full = s.logits(ids)
+    embeds = s.input_embeds(ids, None)
+    out, past = s.forward(embeds[:, :8], s.empty_past(8), ids[:8])
+    assert past.capacity == 256
+    rows = [out]
+    for t in range(8, len(ids)):
+        step, past = s.forward(embeds[:, t:t + 1], past, ids[t:t + 1])
+        rows.append(step)
+    assert past.capacity == 512
+    np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-4)

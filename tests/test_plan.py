@@ -162,41 +162,54 @@ def test_int4_block_size_follows_the_recipe(llava7b):
 
 
 def test_shipped_int4_and_int8_layouts(llava7b):
-    """fmin keeps a float offset per block beside the scale; weight-only int8 one scale per block."""
+    """int4 (mse) keeps a 4-bit zero point beside each fp32 scale, and its attention q/k/v and MLP
+    down projections at int8 on a CPU; weight-only int8 keeps one scale per block."""
     from edgemed.recipe import load_recipe
 
     p = plan(llava7b, load_recipe("int4"), load_target("cpu-x86-avx2"))
-    assert p.components["language"].bits_per_weight == pytest.approx(4 + 64 / 32)
+    # LLaVA-1.5-7B per layer: q/k/v 3 x 4096^2 and down 4096 x 11008 of 202.4M weights.
+    share = (3 * 4096 * 4096 + 4096 * 11008) / (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    lang = p.components["language"]
+    assert lang.bits_per_weight == pytest.approx(share * (8 + 32 / 32) + (1 - share) * (4 + 36 / 32), rel=1e-3)
+    assert "int8" in lang.note and "down_proj" in lang.note
     assert p.components["lm_head"].bits_per_weight == pytest.approx(8 + 32 / 32)
+    assert p.components["embed"].precision == "int8" and p.components["embed"].bits_per_weight == pytest.approx(9)
     fast = plan(llava7b, load_recipe("int4-fast"), load_target("cpu-x86-avx2"))
     assert fast.components["language"].bits_per_weight == pytest.approx(4 + 36 / 32)
+    assert not fast.components["language"].note
 
 
 def test_gpu_targets_get_the_fp16_layout(llava7b):
     """On a GPU target onnx-quantize makes activations, float weights and the KV cache fp16, with
-    int4 in blocks of 128 and fp16 scales; the plan counts that artifact, not the CPU one."""
+    every language projection int4 in blocks of 128 and fp16 scales; the plan counts that artifact,
+    not the CPU one, and picks the longest context that fits when 2048 tokens do not."""
     from edgemed.recipe import load_recipe
 
     int4 = load_recipe("int4")
     cpu = plan(llava7b, int4, load_target("cpu-x86-avx2"))
-    gpu = plan(llava7b, int4, load_target("jetson-orin-nano-8gb"))
+    gpu = plan(llava7b, int4, load_target("jetson-orin-nano-8gb"), context_tokens=2048)
     assert cpu.kv_bytes_per_element == 4 and gpu.kv_bytes_per_element == 2
     assert gpu.kv_cache_bytes * 2 == cpu.kv_cache_bytes
     c = gpu.components
-    assert c["language"].bits_per_weight == pytest.approx(4 + (16 + 16) / 128)  # fmin: fp16 scale + fp16 offset
+    assert c["language"].bits_per_weight == pytest.approx(4 + (16 + 4) / 128)  # fp16 scale + 4-bit zero point
+    assert not c["language"].note  # no int8 projections in the GPU layout
     assert c["lm_head"].bits_per_weight == pytest.approx(8 + 16 / 32)  # int8 nbits, fp16 scale per 32
-    assert c["embed"].precision == "fp16" and c["embed"].bits_per_weight == 16
-    assert gpu.artifact_bytes < 0.75 * cpu.artifact_bytes
-    # 4.19 GB of weights + 1.07 GB of KV at 2048 tokens: more than the Nano's 5.2 GB. The context
-    # that would fit (509 tokens) cannot hold one image (576 tokens) and a turn, so it is not offered.
-    assert not gpu.feasible and not any("--context" in f for f in gpu.fixes)
-    roomier = load_target("jetson-orin-nano-8gb").model_copy(update={"name": "nano-headless", "usable_memory_gb": 5.6})
-    p = plan(llava7b, int4, roomier)
-    assert not p.feasible
-    ctx = int(next(f for f in p.fixes if "--context" in f).split("--context ")[1].split(";")[0])
-    assert ctx >= 576 + 256
-    assert plan(llava7b, int4, roomier, context_tokens=ctx).feasible
-    assert not plan(llava7b, int4, roomier, context_tokens=ctx + 8).feasible
+    assert c["embed"].precision == "int8" and c["embed"].bits_per_weight == pytest.approx(8 + 16 / 32)
+    assert gpu.artifact_bytes < 0.7 * cpu.artifact_bytes
+    # 3.99 GB of weights + 1.07 GB of fp16 KV at 2048 tokens: more than the Nano's 5.2 GB ...
+    assert not gpu.feasible
+    ctx = int(next(f for f in gpu.fixes if "--context" in f).split("--context ")[1].split(";")[0])
+    assert 576 + 256 <= ctx < 2048 and ctx % 64 == 0
+    # ... so without --context the plan takes that context (one image and a turn still fit).
+    auto = plan(llava7b, int4, load_target("jetson-orin-nano-8gb"))
+    assert auto.feasible and auto.context_tokens == ctx
+    assert any(f"context limited to {ctx} tokens" in n for n in auto.notes)
+    assert plan(llava7b, int4, load_target("jetson-orin-nano-8gb"), context_tokens=ctx).feasible
+    assert not plan(llava7b, int4, load_target("jetson-orin-nano-8gb"), context_tokens=ctx + 64).feasible
+    # A target too small for one image and a turn gets no shorter context.
+    tight = load_target("jetson-orin-nano-8gb").model_copy(update={"name": "nano-busy", "usable_memory_gb": 4.9})
+    p = plan(llava7b, int4, tight)
+    assert not p.feasible and p.context_tokens == 2048 and not any("--context" in f for f in p.fixes)
     # A recipe may keep fp32 activations on a GPU; Gemma 3 always does (its activations overflow fp16).
     steps = [s.model_dump() for s in int4.steps]
     steps[1]["args"] = {**steps[1]["args"], "activations": "fp32"}

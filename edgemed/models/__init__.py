@@ -97,13 +97,21 @@ def load_config(source: str, trust_remote_code: bool = False):
 def component_param_counts(config) -> dict[str, int]:
     """Exact parameter counts per component from a config alone (the model is built on the meta
     device: no weights, no memory)."""
+    return param_counts(config)[0]
+
+
+def param_counts(config) -> tuple[dict[str, int], dict[str, int]]:
+    """component_param_counts, and the language model's Linear layers by qualified name ->
+    weight parameters (what a recipe that treats some projections apart needs to count)."""
     import torch
 
     adapter = adapter_for(config, f"model_type '{getattr(config, 'model_type', None)}'")
     cls = adapter.model_class()
     with torch.device("meta"):
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
-    return _component_counts(adapter, model)
+    language = adapter.components(model)["language"]
+    linears = {name: m.weight.numel() for name, m in language.named_modules() if isinstance(m, torch.nn.Linear)}
+    return _component_counts(adapter, model), linears
 
 
 def _component_counts(adapter, model) -> dict[str, int]:

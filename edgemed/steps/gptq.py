@@ -1,5 +1,6 @@
-"""GPTQ for int4 MatMulNBits, written here because ONNX Runtime's GPTQ path ignores
-`nodes_to_exclude` (so the component policy could not be honoured: lm_head would go to 4 bits).
+"""int4 grids for MatMulNBits that ONNX Runtime's quantizers do not write: GPTQ (its GPTQ path
+ignores `nodes_to_exclude`, so the component policy could not be honoured: lm_head would go to
+4 bits) and a least-squares block grid (`mse_quantize`; its rtn takes each block's min/max).
 
 GPTQ (Frantar et al., 2022) quantizes a weight matrix one input row at a time and pushes each
 row's rounding error onto the rows not yet quantized, weighted by the inverse Hessian
@@ -12,11 +13,17 @@ the calibration set's variety matters more than its size.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
-def hessians(model, input_names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
-    """H = X^T X for every tensor in input_names, over the calibration feeds (fp32 graph)."""
+def calibration_inputs(model, input_names: list[str], feeds: list[dict]):
+    """For each calibration feed, {name: the tensor as [tokens, features] float64} for every tensor
+    in input_names, from one run of the fp32 graph with those tensors added as outputs."""
+    import tempfile
+
+    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -26,17 +33,39 @@ def hessians(model, input_names: list[str], feeds: list[dict]) -> dict[str, np.n
         probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # Large decoders exceed protobuf's 2 GB when serialized whole; hessians() is for the sizes the
-    # CPU GPTQ below can handle anyway (it is O(K^2 N) per matrix in numpy).
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    outs = [o.name for o in sess.get_outputs()]
+    with tempfile.TemporaryDirectory(prefix="edgemed-probe-") as tmp:
+        if probe.ByteSize() < 1_800_000_000:
+            source = probe.SerializeToString()
+        else:  # protobuf's 2 GB limit: weights go to an external-data file beside the probe
+            source = str(Path(tmp) / "probe.onnx")
+            onnx.save(probe, source, save_as_external_data=True, location="probe.onnx.data")
+        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        outs = [o.name for o in sess.get_outputs()]
+        for feed in feeds:
+            values = dict(zip(outs, sess.run(None, {k: v for k, v in feed.items() if k in names})))
+            yield {n: values[n].reshape(-1, values[n].shape[-1]).astype(np.float64) for n in input_names}
+
+
+def hessians(model, input_names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """H = X^T X for every tensor in input_names, over the calibration feeds (fp32 graph)."""
     acc: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        values = dict(zip(outs, sess.run(None, {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}})))
-        for name in input_names:
-            x = values[name].reshape(-1, values[name].shape[-1]).astype(np.float64)
+    for xs in calibration_inputs(model, input_names, feeds):
+        for name, x in xs.items():
             acc[name] = acc.get(name, 0) + x.T @ x
     return acc
+
+
+def mean_squares(model, input_names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """E[x_k^2] per input channel k of every tensor in input_names (llama.cpp's imatrix, the
+    diagonal of H / tokens), over the calibration feeds."""
+    acc: dict[str, np.ndarray] = {}
+    count = 0
+    for xs in calibration_inputs(model, input_names, feeds):
+        count += next(iter(xs.values())).shape[0] if xs else 0
+        for name, x in xs.items():
+            acc[name] = acc.get(name, 0) + (x * x).sum(0)
+    return {name: a / max(count, 1) for name, a in acc.items()}
 
 
 def gptq_quantize(w: np.ndarray, h: np.ndarray, block: int, damp: float = 0.01):
@@ -65,6 +94,60 @@ def gptq_quantize(w: np.ndarray, h: np.ndarray, block: int, damp: float = 0.01):
         if i + 1 < k:
             w[i + 1:] -= np.outer(hinv[i, i + 1:], err)
     return q, scales, zps
+
+
+# The candidate grids mse_quantize tries per block: the min/max scale shrunk or stretched, and the
+# zero point moved off its rounded position by a fraction of a step before rounding.
+MSE_SCALE_FACTORS = np.linspace(0.8, 1.2, 41)
+MSE_ZERO_SHIFTS = (0.0, -0.25, 0.25, -0.5, 0.5, -0.75, 0.75)
+
+
+def mse_quantize(w: np.ndarray, block: int, importance: np.ndarray | None = None, chunk: int = 1024):
+    """w [K, N] -> (q [K, N] uint8 in 0..15, scales [K/block, N], zero points [K/block, N]) on the
+    asymmetric MatMulNBits grid, each block's grid chosen to minimise the squared error of its
+    weights rather than to span their min..max (rtn).
+
+    Per block: every (scale factor, zero-point shift) candidate is rounded and scored, the best
+    kept, then its scale refitted by least squares to the integers it chose. `importance` [K]
+    (e.g. the mean square of each input channel on calibration data) weights the errors; None
+    weights them equally. Measured on SmolLM2-135M (every projection int4, block 32, lm_head
+    int8, 2,048 teacher-forced positions): KLD 0.21 (ONNX Runtime's rtn) -> 0.10 (this,
+    importance-weighted) at the same speed: the same kernel reads the same bytes. The search costs
+    41 x 7 rounding passes over the weights (about a minute for a 135M model on 2 cores).
+    """
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    nb = k // block
+    imp = np.ones((nb, block), np.float32) if importance is None else \
+        np.asarray(importance, np.float32).reshape(nb, block)
+    q_out = np.zeros((k, n), np.uint8)
+    s_out, z_out = np.zeros((nb, n), np.float32), np.zeros((nb, n), np.float32)
+    for c0 in range(0, n, chunk):
+        b = w[:, c0:c0 + chunk].T.reshape(-1, nb, block)  # [n, nb, block]
+        lo, hi = b.min(-1), b.max(-1)
+        span = np.maximum(hi - lo, 1e-12) / 15
+        best_e = best_s = best_z = None
+        for f in MSE_SCALE_FACTORS:
+            s = span * f
+            for shift in MSE_ZERO_SHIFTS:
+                z = np.clip(np.rint(-lo / s + shift), 0, 15)
+                q = np.clip(np.rint(b / s[..., None] + z[..., None]), 0, 15)
+                e = (imp * (s[..., None] * (q - z[..., None]) - b) ** 2).sum(-1)
+                if best_e is None:
+                    best_e, best_s, best_z = e, s, z
+                else:
+                    better = e < best_e
+                    best_e = np.where(better, e, best_e)
+                    best_s = np.where(better, s, best_s)
+                    best_z = np.where(better, z, best_z)
+        q = np.clip(np.rint(b / best_s[..., None] + best_z[..., None]), 0, 15)
+        qz = q - best_z[..., None]
+        num, den = (imp * b * qz).sum(-1), (imp * qz * qz).sum(-1)
+        ok = (den > 0) & (num > 0)
+        s = np.where(ok, num / np.where(ok, den, 1), best_s)  # least-squares scale for these integers
+        q_out[:, c0:c0 + chunk] = q.reshape(-1, k).T
+        s_out[:, c0:c0 + chunk], z_out[:, c0:c0 + chunk] = s.T, best_z.T
+    return q_out, s_out, z_out
 
 
 def matmulnbits_initializers(name: str, q: np.ndarray, scales: np.ndarray, zps: np.ndarray, block: int):

@@ -1,8 +1,11 @@
 """ONNX export and quantization steps.
 
-Quantization goes through ONNX Runtime's own quantizers: int8 = `quantize_dynamic` (per-channel
-symmetric weights, MatMulInteger), int4 = `MatMulNBitsQuantizer` (RTN, HQQ or k-quant; MatMulNBits),
-fp16 = ONNX Runtime's float16 converter. The component policy is compiled to per-node choices from
+Quantized graphs use ONNX Runtime's operators and, where they do the job, its quantizers: int8 =
+MatMulNBits bits 8 (`MatMulNBitsQuantizer`) or `quantize_dynamic`; int4 = MatMulNBits, its
+blocks chosen by edgemed's least-squares grid (`mse`, the default: ONNX Runtime's rtn takes each
+block's min/max), GPTQ or the float-minimum `fmin` rewrite, or by `MatMulNBitsQuantizer` (rtn,
+HQQ, k-quant); an int8 embedding table = GatherBlockQuantized; fp16 = ONNX Runtime's float16
+converter. The component policy is compiled to per-node choices from
 the module path every exported node carries (see edgemed.export.onnx.node_components).
 """
 from __future__ import annotations
@@ -82,13 +85,17 @@ def fit_block(k: int, block: int) -> int:
 
 
 class Int4Args(StepArgs):
-    # fmin: affine blocks with a float minimum (llama.cpp's Q4_1 grid), run on ONNX Runtime's fast
-    # symmetric MatMulNBits kernel plus a small block-sum correction (see _fmin). rtn, hqq and
-    # k_quant are ONNX Runtime's MatMulNBitsQuantizer algorithms (integer zero points; HQQ's
-    # float zero points have no fast CPU kernel in ONNX Runtime 1.32: about 10x slower here).
+    # mse: blocks on ONNX Runtime's asymmetric MatMulNBits grid (integer zero points, its fastest
+    # CPU kernel), each block's scale and zero point searched for the least squared error and the
+    # scale refitted (edgemed.steps.gptq.mse_quantize); rtn, hqq and k_quant are ONNX Runtime's
+    # MatMulNBitsQuantizer algorithms (rtn spans each block's min..max; HQQ's float zero points
+    # have no fast CPU kernel in ONNX Runtime 1.32: about 10x slower here).
+    # fmin: affine blocks with a float minimum (llama.cpp's Q4_1 grid) as a symmetric MatMulNBits
+    # plus a block-sum correction (see _fmin): exact on Q4_1-grid weights, ~14 more small nodes
+    # per layer (0.85x the speed of mse on SmolLM2-135M here).
     # gptq: edgemed's GPTQ on the rtn grid, from calibration passes through the decoder graph
     # (edgemed.steps.gptq); decoder graph only, other graphs use rtn.
-    algorithm: Literal["fmin", "rtn", "gptq", "hqq", "k_quant"] = "fmin"
+    algorithm: Literal["mse", "fmin", "rtn", "gptq", "hqq", "k_quant"] = "mse"
     block_size: BlockSize = 32
     # Where activations are fp16 (GPU targets, see OnnxQuantizeArgs.activations) scales are fp16
     # and blocks are 128, the W4A16 group of AWQ and TensorRT-LLM: decode there is bound by the
@@ -97,8 +104,15 @@ class Int4Args(StepArgs):
     symmetric: bool = False
     # 4 = int8 activations inside MatMulNBits: the fastest CPU kernels (ORT docs).
     accuracy_level: int = Field(4, ge=0, le=4)
-    calibration_samples: int = Field(16, ge=1, le=1024)  # gptq only
-
+    calibration_samples: int = Field(16, ge=1, le=1024)  # gptq and mse: calibration passes through the decoder
+    # Language projections kept at int8 (MatMulNBits bits 8) where activations are fp32 (CPU
+    # targets), matched as substrings of the decoder's MatMul names (q_proj, qkv_proj, down_proj):
+    # llama.cpp's Q4_K_M likewise gives attn_v and ffn_down more bits. On SmolLM2-135M, int8
+    # attention q/k/v and MLP down with mse int4 elsewhere: KLD 0.035 (all int4: 0.10) at 1.02-1.09x
+    # the speed of onnxruntime-genai's int4 model (bench_smollm2.py, two runs). In the fp16 (GPU) layout every projection is int4,
+    # blocks of fp16_block_size (W4A16, the layout AWQ and TensorRT-LLM ship): there decode is
+    # bound by bytes and memory is the limit (a 7B LLaVA on an 8 GB Jetson).
+    int8_projections: list[str] = Field(default_factory=list)
 
 
 class Int8Args(StepArgs):
@@ -150,9 +164,9 @@ class OnnxQuantize(Step):
 
     def run(self, ctx: "Context") -> None:
         policy = ctx.recipe.policy
-        if policy.embed not in ("fp32", "fp16"):
+        if policy.embed not in ("fp32", "fp16", "int8"):
             raise BadInputError(f"recipe {ctx.recipe.name}: policy.embed", f"'{policy.embed}' is not supported for ONNX",
-                                "use fp32 or fp16 for embed")
+                                "use fp32, fp16 or int8 for embed")
         activations, why = onnx_activations(self.args.activations, ctx.target, ctx.cm.family)
         ctx.runtime["activations"] = activations
         if activations == "fp16":
@@ -160,13 +174,16 @@ class OnnxQuantize(Step):
                 f"; int4 in blocks of up to {self.args.int4.fp16_block_size} with fp16 scales"
         if why:
             ctx.notes.append(why)
+        if activations == "fp32" and self.args.int4.int8_projections and "int4" in policy.model_dump().values():
+            ctx.notes.append("int4 language model with its " + ", ".join(self.args.int4.int8_projections)
+                             + " projections (where present) at int8")
         for graph in GRAPHS:
             path = ctx.work_dir / graph
             if not path.exists():
                 continue
             ctx.progress(f"quantize {graph}")
             feeds = None
-            if graph == "decoder_model_merged.onnx" and self.args.int4.algorithm == "gptq":
+            if graph == "decoder_model_merged.onnx" and self.args.int4.algorithm in ("gptq", "mse"):
                 feeds = lambda: _decoder_feeds(ctx, self.args.int4.calibration_samples)  # noqa: E731
             precisions = quantize_graph(path, policy, self.args, feeds, activations)
             ctx.describe(graph, component=_graph_component(graph), fmt="onnx",
@@ -273,8 +290,16 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds
             raise BadInputError(f"{path.name}: policy", f"precision '{prec}' cannot be expressed in ONNX",
                                 "use fp32, fp16, int8 or int4 for ONNX recipes")
     block4 = args.int4.fp16_block_size if activations == "fp16" else args.int4.block_size
+    if by_prec.get("int4") and args.int4.int8_projections and activations == "fp32":
+        keep = [n for n in by_prec["int4"] if comps.get(n) == "language"
+                and any(p in n for p in args.int4.int8_projections)]
+        by_prec["int4"] = [n for n in by_prec["int4"] if n not in set(keep)]
+        by_prec.setdefault("int8", []).extend(keep)
     if by_prec.get("int4"):
-        if args.int4.algorithm == "fmin":
+        if args.int4.algorithm == "mse":
+            model = _mse(model, by_prec["int4"], block4, args.int4.accuracy_level,
+                         calibration_feeds() if calibration_feeds is not None else None)
+        elif args.int4.algorithm == "fmin":
             model = _fmin(model, by_prec["int4"], block4, args.int4.accuracy_level)
         elif args.int4.algorithm == "gptq" and calibration_feeds is not None:
             model = _gptq(model, by_prec["int4"], block4, args.int4.accuracy_level, calibration_feeds())
@@ -289,6 +314,8 @@ def quantize_graph(path: Path, policy, args: OnnxQuantizeArgs, calibration_feeds
                            args.int8.accuracy_level, "rtn")
         else:
             model = _int8_dynamic(model, path, by_prec["int8"], args.int8)
+    if wanted.get("embed") == "int8":
+        _gather_int8(model, comps, args.int8.block_size)
     _retag_and_check(model, comps, by_prec, path.name)
     if activations == "fp16":
         model = _fp16_graph(model, keep_io_types=path.name != DECODER)
@@ -433,6 +460,87 @@ def _fmin(model, nodes: list[str], block_size: int, accuracy_level: int):
     return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, requested_block, accuracy_level, "fmin")
 
 
+def _gather_int8(model, comps: dict[str, str], block_size: int) -> None:
+    """The embedding table's Gather -> GatherBlockQuantized (com.microsoft): uint8 rows in blocks of
+    `block_size` along the hidden size, one scale per block, symmetric around 128 (ONNX Runtime's
+    CPU and CUDA kernels read this; onnxruntime-genai writes its quantized embeddings the same way). One row is read per token, so
+    this is about memory, not speed: a 7B's table goes from 263 MB (fp16) to 139 MB."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, new_inits = [], []
+    for node in model.graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (node.op_type != "Gather" or comps.get(node.name) != "embed" or node.input[0] not in inits
+                or axis != 0 or len(inits[node.input[0]].dims) != 2):
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        v, h = w.shape
+        b = fit_block(h, block_size)
+        if h % b:
+            nodes.append(node)  # no block divides the hidden size: the table stays float (logged)
+            log.warning("embed: hidden size %d has no int8 block <= %d; the table stays float", h, block_size)
+            continue
+        blocks = w.reshape(v, h // b, b)
+        scale = np.abs(blocks).max(-1) / 127
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(v, h)
+        name = node.input[0]
+        new_inits += [numpy_helper.from_array(q, f"{name}.q8"), numpy_helper.from_array(scale, f"{name}.scales")]
+        # No zero_points input: for uint8 data at 8 bits ONNX Runtime's default zero point is 128.
+        gq = helper.make_node("GatherBlockQuantized", [f"{name}.q8", node.input[1], f"{name}.scales"],
+                              list(node.output), name=node.name, domain="com.microsoft", bits=8, block_size=b,
+                              gather_axis=0, quantize_axis=1)
+        gq.metadata_props.extend(node.metadata_props)
+        nodes.append(gq)
+    replace_nodes(model, nodes, new_inits)
+    if new_inits and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def _mse(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: list[dict] | None = None):
+    """int4 on the asymmetric MatMulNBits grid with least-squares block grids (gptq.mse_quantize),
+    each weight's error weighted by its input channel's mean square on the calibration feeds (as
+    llama.cpp's imatrix weights its k-quants) where feeds are given. On SmolLM2-135M (int4 recipe,
+    bench_smollm2.py): KLD 0.035 weighted; 0.048 unweighted with a smaller search (21 x 5)."""
+    from onnx import numpy_helper
+
+    from edgemed.steps.gptq import matmulnbits_initializers, mean_squares, mse_quantize
+
+    wanted = set(nodes)
+    inits = {t.name: t for t in model.graph.initializer}
+    targets = [n for n in model.graph.node if n.name in wanted]
+    importance = mean_squares(model, sorted({n.input[0] for n in targets}), feeds) if feeds else {}
+    new_nodes, new_inits, rtn_fallback = [], [], []
+    for node in model.graph.node:
+        if node.name not in wanted:
+            new_nodes.append(node)
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        k, n = w.shape
+        b = fit_block(k, block_size)
+        if k % b:
+            rtn_fallback.append(node.name)
+            new_nodes.append(node)
+            continue
+        q, scales, zps = mse_quantize(w, b, importance.get(node.input[0]))
+        new_inits += matmulnbits_initializers(node.name, q, scales, zps, b)
+        new_nodes.append(_asym_nbits_node(node, k, n, b, accuracy_level))
+    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "mse")
+
+
+def _asym_nbits_node(node, k: int, n: int, block: int, accuracy_level: int):
+    """The MatMulNBits that replaces MatMul `node`, reading matmulnbits_initializers' tensors."""
+    from onnx import helper
+
+    name = node.name
+    return helper.make_node(
+        "MatMulNBits", [node.input[0], f"{name}.q4", f"{name}.scales", f"{name}.zero_points"], list(node.output),
+        name=f"{name}_Q4", domain="com.microsoft", K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+
+
 def _finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], block_size: int,
                          accuracy_level: int, algorithm: str):
     """Install a rewritten node list (fmin, gptq) and send MatMuls whose K is not a multiple of
@@ -451,7 +559,7 @@ def _finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], bl
 
 def _gptq(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: list[dict]):
     """GPTQ on the asymmetric MatMulNBits grid (edgemed.steps.gptq) for exactly `nodes`."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     from edgemed.steps.gptq import gptq_quantize, hessians, matmulnbits_initializers
 
@@ -473,10 +581,7 @@ def _gptq(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: 
             continue
         q, scales, zps = gptq_quantize(w, h[node.input[0]], b)
         new_inits += matmulnbits_initializers(node.name, q, scales, zps, b)
-        new_nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], f"{node.name}.q4", f"{node.name}.scales", f"{node.name}.zero_points"],
-            list(node.output), name=f"{node.name}_Q4", domain="com.microsoft", K=k, N=n, bits=4,
-            block_size=b, accuracy_level=accuracy_level))
+        new_nodes.append(_asym_nbits_node(node, k, n, b, accuracy_level))
     return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "gptq")
 
 
