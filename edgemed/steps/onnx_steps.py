@@ -505,14 +505,35 @@ def _mse(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: l
     each weight's error weighted by its input channel's mean square on the calibration feeds (as
     llama.cpp's imatrix weights its k-quants) where feeds are given. On SmolLM2-135M (int4 recipe,
     bench_smollm2.py): KLD 0.035 weighted; 0.048 unweighted with a smaller search (21 x 5)."""
+    from edgemed.steps.gptq import mean_squares, mse_quantize
+
+    importance = mean_squares(model, _inputs_of(model, nodes), feeds) if feeds else {}
+    return _asym_int4(model, nodes, block_size, accuracy_level, "mse",
+                      lambda w, x, b: mse_quantize(w, b, importance.get(x)))
+
+
+def _gptq(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: list[dict]):
+    """GPTQ on the asymmetric MatMulNBits grid (edgemed.steps.gptq) for exactly `nodes`."""
+    from edgemed.steps.gptq import gptq_quantize, hessians
+
+    h = hessians(model, _inputs_of(model, nodes), feeds)
+    return _asym_int4(model, nodes, block_size, accuracy_level, "gptq", lambda w, x, b: gptq_quantize(w, h[x], b))
+
+
+def _inputs_of(model, nodes: list[str]) -> list[str]:
+    wanted = set(nodes)
+    return sorted({n.input[0] for n in model.graph.node if n.name in wanted})
+
+
+def _asym_int4(model, nodes: list[str], block_size: int, accuracy_level: int, algorithm: str, quantize):
+    """Replace each MatMul in `nodes` by an asymmetric int4 MatMulNBits whose grid comes from
+    quantize(weight [K, N], input tensor name, block) -> (q, scales, zero points)."""
     from onnx import numpy_helper
 
-    from edgemed.steps.gptq import matmulnbits_initializers, mean_squares, mse_quantize
+    from edgemed.steps.gptq import matmulnbits_initializers
 
     wanted = set(nodes)
     inits = {t.name: t for t in model.graph.initializer}
-    targets = [n for n in model.graph.node if n.name in wanted]
-    importance = mean_squares(model, sorted({n.input[0] for n in targets}), feeds) if feeds else {}
     new_nodes, new_inits, rtn_fallback = [], [], []
     for node in model.graph.node:
         if node.name not in wanted:
@@ -525,10 +546,10 @@ def _mse(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: l
             rtn_fallback.append(node.name)
             new_nodes.append(node)
             continue
-        q, scales, zps = mse_quantize(w, b, importance.get(node.input[0]))
+        q, scales, zps = quantize(w, node.input[0], b)
         new_inits += matmulnbits_initializers(node.name, q, scales, zps, b)
         new_nodes.append(_asym_nbits_node(node, k, n, b, accuracy_level))
-    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "mse")
+    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, algorithm)
 
 
 def _asym_nbits_node(node, k: int, n: int, block: int, accuracy_level: int):
@@ -543,7 +564,7 @@ def _asym_nbits_node(node, k: int, n: int, block: int, accuracy_level: int):
 
 def _finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], block_size: int,
                          accuracy_level: int, algorithm: str):
-    """Install a rewritten node list (fmin, gptq) and send MatMuls whose K is not a multiple of
+    """Install a rewritten node list (fmin, mse, gptq) and send MatMuls whose K is not a multiple of
     the block to ONNX Runtime's rtn instead (logged: never silently)."""
     from onnx import helper
 
@@ -555,34 +576,6 @@ def _finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], bl
                     len(rtn_fallback))
         model = _nbits(model, rtn_fallback, 4, block_size, False, accuracy_level, "rtn")
     return model
-
-
-def _gptq(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: list[dict]):
-    """GPTQ on the asymmetric MatMulNBits grid (edgemed.steps.gptq) for exactly `nodes`."""
-    from onnx import numpy_helper
-
-    from edgemed.steps.gptq import gptq_quantize, hessians, matmulnbits_initializers
-
-    wanted = set(nodes)
-    inits = {t.name: t for t in model.graph.initializer}
-    targets = [n for n in model.graph.node if n.name in wanted]
-    h = hessians(model, sorted({n.input[0] for n in targets}), feeds)
-    new_nodes, new_inits, rtn_fallback = [], [], []
-    for node in model.graph.node:
-        if node.name not in wanted:
-            new_nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        k, n = w.shape
-        b = fit_block(k, block_size)
-        if k % b:
-            rtn_fallback.append(node.name)
-            new_nodes.append(node)
-            continue
-        q, scales, zps = gptq_quantize(w, h[node.input[0]], b)
-        new_inits += matmulnbits_initializers(node.name, q, scales, zps, b)
-        new_nodes.append(_asym_nbits_node(node, k, n, b, accuracy_level))
-    return _finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, "gptq")
 
 
 def _decoder_feeds(ctx: "Context", count: int) -> list[dict]:
