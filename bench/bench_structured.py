@@ -182,7 +182,7 @@ def main() -> None:
         row["speedup_vs_dense"] = row["decode_tok_s"] / base
     parent_suite = None
     if args.suite:
-        from edgemed.bench.parent import ParentSession
+        from edgemed.reference.parent import ParentSession
         from edgemed.models import load_model
 
         name_, _, src = args.suite.partition("=")

@@ -22,15 +22,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parent_manifest(cm) -> dict:
+def parent_manifest(cm):
     """What the bench needs to know about the parent: fp32 weights per component (the roofline
-    reads language + lm_head per token), the text facts for the KV size."""
+    reads language + lm_head per token; in memory, not files: no sha256), the text facts for the KV size."""
+    from edgemed.artifact import FileRecord, Manifest, ModelRecord, SourceRecord
+
     params = cm.component_params()
-    files = [{"path": f"<{k} parameters, fp32>", "bytes": int(n) * 4, "component": k} for k, n in params.items()]
-    return {"format": "pytorch", "name": "parent", "files": files, "target": None, "status": "parent",
-            "recipe": {"name": "parent (fp32, PyTorch)"},
-            "model": {"family": cm.family, "text": cm.text.to_dict(), "image": cm.image.to_dict() if cm.image else None},
-            "source": {"model": cm.source}}
+    files = [FileRecord(path=f"<{k} parameters, fp32>", sha256="", bytes=int(n) * 4, component=k)
+             for k, n in params.items()]
+    return Manifest(format="pytorch", name="parent", files=files, target=None, status="parent",
+                    recipe={"name": "parent (fp32, PyTorch)"},
+                    model=ModelRecord(family=cm.family, text=cm.text.to_dict(),
+                                      image=cm.image.to_dict() if cm.image else None),
+                    source=SourceRecord(model=cm.source))
 
 
 def _ratio(a, b):
@@ -40,11 +44,11 @@ def _ratio(a, b):
 def compare(parent: str, artifacts: list[Path], *, suites=(), out: Path, runs: int = 10, warmup: int = 2,
             max_new_tokens: int = 32, limit: int | None = None, split: str | None = None,
             progress=None) -> dict:
-    from edgemed.bench.fidelity import flip_summary, hallucination_probe
+    from edgemed.reference.cache import flip_summary, hallucination_probe
     from edgemed.bench.meters import host_info
-    from edgemed.bench.parent import ParentSession
-    from edgemed.bench.report import comparison_markdown, plots
-    from edgemed.bench.runner import headline, run_bench, write_report
+    from edgemed.reference.parent import ParentSession
+    from edgemed.bench.report import comparison_markdown, headline, plots
+    from edgemed.bench.runner import run_bench, write_report
     from edgemed.models import load_model
 
     say = progress or (lambda m: None)

@@ -42,9 +42,10 @@ def main(argv=None) -> int:
 
     from edgemed.artifact import read_manifest, verify
     from edgemed.errors import EdgemedError
-    from edgemed.export.tensorrt import build_engines
-    from edgemed.parity import compare_logits, cosine_rows, synthetic_test_image
-    from edgemed.runtime.trt_session import open_tensorrt
+    from edgemed.formats.tensorrt.engine import build_engines
+    from edgemed.calibration.builtin import synthetic_test_image
+    from edgemed.reference.parity import compare_logits, cosine_rows
+    from edgemed.formats.tensorrt.session import open_tensorrt
 
     art = args.artifact
     if args.copy_to:
@@ -55,12 +56,12 @@ def main(argv=None) -> int:
     record: dict = {"artifact": str(art)}
     try:
         m = read_manifest(art)
-        if args.rebuild or not (m.get("runtime", {}).get("trt") or {}).get("engines"):
+        if args.rebuild or not (m.runtime.get("trt") or {}).get("engines"):
             t0 = time.perf_counter()
             build_engines(art, force=True, progress=lambda s: print(s, file=sys.stderr))
             record["build_total_s"] = round(time.perf_counter() - t0, 1)
         m = read_manifest(art)
-        record["build"] = m["runtime"]["trt"]["build"]
+        record["build"] = m.runtime["trt"]["build"]
         record["verify_problems"] = verify(art)
         trt_s = open_tensorrt(art, m, backend="tensorrt")
         ort_s = open_tensorrt(art, m, backend="onnxruntime")

@@ -9,7 +9,7 @@ Importing edgemed is cheap and torch-free; heavy modules load on first use.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from edgemed._version import __version__
 
 
 def __getattr__(name):
@@ -21,10 +21,14 @@ def __getattr__(name):
         from edgemed.plan import plan
 
         return plan
-    if name in ("load_recipe", "load_target"):
-        from edgemed import recipe, target
+    if name == "load_recipe":
+        from edgemed.recipe import load_recipe
 
-        return getattr(recipe, name, None) or getattr(target, name)
+        return load_recipe
+    if name == "load_target":
+        from edgemed.target import load_target
+
+        return load_target
     if name == "runtime":
         import edgemed.runtime as runtime
 

@@ -1,20 +1,91 @@
 """Artifact directories: written to a temporary sibling, renamed when complete, described by
-manifest.json (DESIGN.md minimum fields) and verifiable by sha256. Torch-free."""
+manifest.json (a typed Manifest: DESIGN.md's minimum fields and more) and verifiable by sha256.
+Torch-free."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgemed._version import __version__
+from edgemed.atomic import atomic_directory
 from edgemed.errors import BadInputError, VerificationError
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 1
+
+
+class FileRecord(BaseModel):
+    """One file of the artifact: what it holds, in which format and precision."""
+
+    model_config = ConfigDict(extra="allow")
+    path: str
+    sha256: str
+    bytes: int
+    component: str | None = None
+    format: str | None = None
+    precision: str | None = None
+
+
+class SourceFile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    path: str
+    sha256: str
+    bytes: int
+
+
+class SourceRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    family: str | None = None
+    revision_or_path: str | None = None
+    files: list[SourceFile] = Field(default_factory=list)
+
+
+class ModelRecord(BaseModel):
+    """The facts the runtime needs without torch: TextFacts and ImageFacts (edgemed.models) as dicts,
+    the chat template, parameters per component."""
+
+    model_config = ConfigDict(extra="allow")
+    family: str | None = None
+    text: dict[str, Any]
+    image: dict[str, Any] | None = None
+    chat_template: str | None = None
+    component_params: dict[str, int] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    """manifest.json. The field order is the file's key order; fields this version does not know are
+    kept (extra="allow") so reading and writing an artifact never drops what another wrote."""
+
+    model_config = ConfigDict(extra="allow")
+    schema_version: int = SCHEMA_VERSION
+    created_utc: str = Field(default_factory=lambda: utc_now())
+    edgemed_version: str = __version__
+    format: str | None = None
+    source: SourceRecord | None = None
+    recipe: dict[str, Any] = Field(default_factory=dict)  # the resolved recipe, every default filled in
+    target: dict[str, Any] | None = None  # the resolved target
+    calibration: dict[str, Any] | None = None
+    tools: dict[str, str | None] = Field(default_factory=dict)
+    model: ModelRecord | None = None  # always set in an artifact; None for a bare session (bench)
+    plan: dict[str, Any] | None = None
+    runtime: dict[str, Any] = Field(default_factory=dict)  # how a session must drive the artifact
+    files: list[FileRecord] = Field(default_factory=list)
+    parity: dict[str, Any] | None = None
+    results: dict[str, Any] | None = None
+    status: str = "ok"  # ok | rejected
+    status_reason: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    gate_suite: dict[str, Any] | None = None
+
+    def file(self, path: str) -> FileRecord | None:
+        return next((f for f in self.files if f.path == path), None)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -31,7 +102,7 @@ def utc_now() -> str:
 
 class ArtifactWriter:
     """`with ArtifactWriter(out) as tmp:` write into tmp; on success tmp is renamed to out, on any
-    error it is removed, so no half-written artifact is ever left behind."""
+    error it is removed, so no half-written artifact is ever left behind (edgemed.atomic)."""
 
     def __init__(self, output: str | Path, overwrite: bool = False):
         self.output = Path(output).resolve()
@@ -41,24 +112,17 @@ class ArtifactWriter:
                                 "choose a new --output, or pass --overwrite to replace it")
         if not self.output.parent.exists():
             raise BadInputError(str(output), f"parent folder {self.output.parent} does not exist", "create it first")
-        self.tmp: Path | None = None
+        self._atomic = atomic_directory(self.output)
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.tmp-", dir=self.output.parent))
-        return self.tmp
+        return self._atomic.__enter__()
 
     def __exit__(self, exc_type, exc, tb):
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.output.exists():
-            shutil.rmtree(self.output)
-        os.replace(self.tmp, self.output)
+        self._atomic.__exit__(exc_type, exc, tb)
         return False
 
 
-def file_records(root: Path, describe: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+def file_records(root: Path, describe: dict[str, dict[str, Any]] | None = None) -> list[FileRecord]:
     """Every file under root except the manifest, with sha256, size and what it is."""
     describe = describe or {}
     out = []
@@ -69,17 +133,17 @@ def file_records(root: Path, describe: dict[str, dict[str, Any]] | None = None) 
         rec = {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
         rec.update(describe.get(rel, {"component": "support", "format": p.suffix.lstrip(".") or "file",
                                       "precision": None}))
-        out.append(rec)
+        out.append(FileRecord(**rec))
     return out
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(root: Path, manifest: Manifest) -> None:
     tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str))
+    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=False, default=str))
     os.replace(tmp, root / MANIFEST)
 
 
-def read_manifest(root: str | Path) -> dict[str, Any]:
+def read_manifest(root: str | Path) -> Manifest:
     path = Path(root) / MANIFEST
     if not Path(root).is_dir():
         raise BadInputError(str(root), "not an artifact directory", "pass the --output folder of `edgemed compress`")
@@ -90,10 +154,17 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise BadInputError(str(path), f"manifest is not valid JSON ({e.msg} at line {e.lineno})",
                             "the artifact is damaged: re-run `edgemed compress`") from None
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise BadInputError(str(path), f"manifest schema_version {data.get('schema_version')} is not {SCHEMA_VERSION}",
+    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        raise BadInputError(str(path), f"manifest schema_version {version} is not {SCHEMA_VERSION}",
                             "re-create the artifact with this edgemed version")
-    return data
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise BadInputError(str(path), f"manifest field {where}: {first['msg']}",
+                            "the artifact is damaged: re-run `edgemed compress`") from None
 
 
 def verify(root: str | Path) -> list[str]:
@@ -102,16 +173,16 @@ def verify(root: str | Path) -> list[str]:
     manifest = read_manifest(root)
     problems = []
     listed = set()
-    for rec in manifest.get("files", []):
-        p = root / rec["path"]
-        listed.add(rec["path"])
+    for rec in manifest.files:
+        p = root / rec.path
+        listed.add(rec.path)
         if not p.is_file():
-            problems.append(f"{rec['path']}: missing")
+            problems.append(f"{rec.path}: missing")
             continue
-        if p.stat().st_size != rec["bytes"]:
-            problems.append(f"{rec['path']}: size {p.stat().st_size} != {rec['bytes']} in the manifest")
-        elif sha256_file(p) != rec["sha256"]:
-            problems.append(f"{rec['path']}: sha256 differs from the manifest (file changed or corrupt)")
+        if p.stat().st_size != rec.bytes:
+            problems.append(f"{rec.path}: size {p.stat().st_size} != {rec.bytes} in the manifest")
+        elif sha256_file(p) != rec.sha256:
+            problems.append(f"{rec.path}: sha256 differs from the manifest (file changed or corrupt)")
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and p.name != MANIFEST and rel not in listed:
@@ -123,13 +194,3 @@ def verify_or_raise(root: str | Path) -> None:
     problems = verify(root)
     if problems:
         raise VerificationError(f"{root}: artifact verification failed:\n  " + "\n  ".join(problems))
-
-
-def set_status(root: Path, status: str, reason: str | None = None, results: dict | None = None) -> None:
-    """Update status/results in place (the manifest is not among the hashed files)."""
-    m = read_manifest(root)
-    m["status"] = status
-    m["status_reason"] = reason
-    if results is not None:
-        m["results"] = results
-    write_manifest(root, m)

@@ -30,7 +30,7 @@ def compress(
     model: Optional[str] = typer.Argument(None, help="Hub id, model folder or .gguf file; omitted: the bundled demo model."),
     recipe: List[str] = typer.Option(None, "--recipe", "-r", help="Recipe name or YAML file; repeat to compose (steps run in order). Default: int8."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target name or YAML file. Default: this host's CPU target."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact folder to create. Default: ./edgemed-out/<model>-<recipe>."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact folder to create. Default: ./edgemed-out/<model>-<recipes joined by +>."),
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle (.bin) checkpoints; they can run code when loaded."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own Python code."),
@@ -38,32 +38,24 @@ def compress(
     """Compress MODEL with the recipe(s) for the target into an artifact folder with manifest.json."""
     from edgemed.pipeline import compress as run
 
-    recipes = recipe or ["int8"]
-    if output is None:
-        stem = Path(model).name if model else DEMO_NAME
-        output = Path("edgemed-out") / f"{stem}-{'+'.join(Path(r).stem for r in recipes)}"
-        output.parent.mkdir(parents=True, exist_ok=True)
     with _progress() as prog:
         task = prog.add_task("start", total=None)
-        result = run(model, recipes, target, output, overwrite=overwrite, allow_pickle=allow_pickle,
+        result = run(model, recipe or None, target, output, overwrite=overwrite, allow_pickle=allow_pickle,
                      trust_remote_code=trust_remote_code, progress=lambda m: prog.update(task, description=m))
         prog.update(task, description="done")
-    _print_artifact(result.manifest, output)
+    _print_artifact(result.manifest, result.output)
 
 
-from edgemed.demo import DEMO_NAME  # noqa: E402  (light: no torch)
-
-
-def _print_artifact(m: dict, output: Path) -> None:
-    t = Table(title=f"{output}  ({m['recipe']['name']} for {m['target']['name']}, status {m['status']})")
+def _print_artifact(m, output: Path) -> None:
+    t = Table(title=f"{output}  ({m.recipe['name']} for {m.target['name']}, status {m.status})")
     for col in ("file", "component", "precision", "MB"):
         t.add_column(col, justify="right" if col == "MB" else "left")
-    for f in m["files"]:
-        if f["component"] != "support":
-            t.add_row(f["path"], f["component"], str(f["precision"]), f"{f['bytes'] / 1e6:.2f}")
-    params = m["model"]["component_params"]
+    for f in m.files:
+        if f.component != "support":
+            t.add_row(f.path, f.component, str(f.precision), f"{f.bytes / 1e6:.2f}")
+    params = m.model.component_params
     parent_mb = sum(params.values()) * 4 / 1e6
-    total = sum(f["bytes"] for f in m["files"] if f["component"] not in ("support", "reference")) / 1e6
+    total = sum(f.bytes for f in m.files if f.component not in ("support", "reference")) / 1e6
     t.add_row("[b]total[/b]", "", "", f"{total:.2f}")
     console.print(t)
     # Before / after: the PyTorch parent against this artifact.
@@ -71,14 +63,14 @@ def _print_artifact(m: dict, output: Path) -> None:
     for col in ("", "parent (PyTorch fp32)", "artifact"):
         ba.add_column(col, justify="left" if not col else "right")
     ba.add_row("weights MB", f"{parent_mb:.1f}", f"{total:.1f}")
-    g = m.get("gate_suite") or {}
+    g = m.gate_suite or {}
     if g.get("closed_n"):
         ba.add_row(f"gate-suite closed accuracy (n={g['closed_n']})", f"{g['parent_closed_acc']:.3f}",
                    f"{g['closed_acc']:.3f}")
     if g.get("answer_flip_n"):
         ba.add_row(f"answers changed vs parent (n={g['answer_flip_n']})", "-", f"{g['answer_flip_rate']:.3f}")
     console.print(ba)
-    p = m.get("parity") or {}
+    p = m.parity or {}
     if p:
         line = (f"parity vs PyTorch parent over {p['prefill']['positions']} positions: "
                 f"KLD mean {p['kld_mean']:.3g}, p99 {p['kld_p99']:.3g}, top-1 agreement {p['top1_agreement']:.3f}, "
@@ -141,7 +133,7 @@ def inspect(
     _print_artifact(m, artifact)
     if verify:
         verify_or_raise(artifact)
-        console.print(f"[green]verified[/green]: {len(m['files'])} files match manifest.json")
+        console.print(f"[green]verified[/green]: {len(m.files)} files match manifest.json")
 
 
 @app.command()
@@ -225,7 +217,7 @@ def calib_build(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts: .jsonl ({\"prompt\", optional \"image\", \"answer\"} per line) or .txt (one per line)."),
 ):
     """Build a calibration set: images re-encoded as PNG (no metadata), prompts.jsonl, calibration.json."""
-    from edgemed.calib import build_calibration_set
+    from edgemed.calibration.sets import build_calibration_set
 
     with _progress() as prog:
         task = prog.add_task("start", total=None)
@@ -244,7 +236,7 @@ def build_engine(
     force: bool = typer.Option(False, "--force", help="Rebuild engines that already exist."),
 ):
     """On the device: build TensorRT engines from the artifact's Q/DQ ONNX and hash them into its manifest."""
-    from edgemed.export.tensorrt import build_engines
+    from edgemed.formats.tensorrt.engine import build_engines
 
     with _progress() as prog:
         task = prog.add_task("start", total=None)

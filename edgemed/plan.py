@@ -19,27 +19,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from edgemed.errors import EdgemedError, InfeasiblePlanError
-from edgemed.recipe import COMPONENTS, PRECISION_BITS, Recipe
+from edgemed.formats.base import RUNTIME_OVERHEAD_FIXED_BYTES, backend_for
+from edgemed.recipe import COMPONENTS, Recipe
 from edgemed.target import Target
 
 # Activations, the runtime's arena and fragmentation grow with the model (largest matmul
 # outputs, the image tokens' prefill, logits over the vocabulary): 10% of weights + KV. The
-# fixed part is the process itself: the runtime library (ONNX Runtime or llama.cpp, and the
-# CUDA/TensorRT context on a GPU), tokenizer, Python and the image pipeline, ~300 MB in RSS.
+# fixed part is the process itself (RUNTIME_OVERHEAD_FIXED_BYTES, edgemed.formats.base).
 RUNTIME_OVERHEAD_FRACTION = 0.10
-RUNTIME_OVERHEAD_FIXED_BYTES = 300_000_000
-
-# Precisions each artifact format can hold. ONNX: what edgemed.steps.onnx_steps quantizes to.
-# GGUF: llama.cpp types, and the generic names that map onto them (GGUF_TYPE_FOR).
-# TensorRT: the builder's weight precisions.
-GGUF_TYPE_FOR = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
-FORMAT_PRECISIONS: dict[str, set[str]] = {
-    "onnx": {"fp32", "fp16", "int8", "int4"},
-    "gguf": set(PRECISION_BITS) - {"fp8", "fp4"},
-    "tensorrt": {"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"},
-}
-# onnx-quantize keeps the embedding table (a Gather, not a MatMul) in float.
-COMPONENT_FORMAT_PRECISIONS: dict[tuple[str, str], set[str]] = {("onnx", "embed"): {"fp32", "fp16", "int8"}}
 # Every target can run the fp32 reference on its CPU, listed or not.
 ALWAYS_RUNNABLE = {"fp32", "f32"}
 
@@ -194,20 +181,21 @@ class _ModelShape:
     _counts_cache: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
 
     def __init__(self, family: str, counts: dict[str, int], facts, vision_hidden: int | None, tied: bool,
-                 builder_decoder: bool = False, image_tokens: int = 0, linears: dict[str, int] | None = None):
+                 builder_decoder: bool = False, image_tokens: int = 0, linears: dict[str, int] | None = None,
+                 fp16_unsafe: str | None = None):
         self.family, self.counts, self.facts = family, counts, facts
         self.linears = linears or {}  # the language model's Linear layers: qualified name -> params
         self.image_tokens = image_tokens
         self.vision_hidden, self.tied = vision_hidden, tied
         # onnx-export's decoder=auto uses onnxruntime-genai's builder here (see genai_decoder)
         self.builder_decoder = builder_decoder
+        self.fp16_unsafe = fp16_unsafe  # why the family's activations leave fp16's range, if they do
 
     @classmethod
     def from_config(cls, adapter, config) -> "_ModelShape":
         import importlib.util
 
-        from edgemed.export.genai_decoder import BUILDER_ARCHS
-        from edgemed.models import param_counts
+        from edgemed.models import decoder_facts, param_counts
         from edgemed.models.base import text_facts
 
         # Building the meta model takes a second or two for a 7B; `plan` is called repeatedly
@@ -219,11 +207,12 @@ class _ModelShape:
         vc = getattr(config, "vision_config", None)
         tc = adapter.text_config(config)
         tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
-        builder = (not adapter.decoder_token_type_ids and tc.model_type in BUILDER_ARCHS
+        facts = decoder_facts(tc.model_type)
+        builder = (not adapter.decoder_token_type_ids and facts is not None and facts.builder_arch is not None
                    and importlib.util.find_spec("onnxruntime_genai") is not None)
         return cls(adapter.family, counts, text_facts(adapter, config),
                    getattr(vc, "hidden_size", None) if vc is not None else None, tied, builder,
-                   (adapter.num_image_tokens(config) or 0) if vc is not None else 0, linears)
+                   (adapter.num_image_tokens(config) or 0) if vc is not None else 0, linears, adapter.fp16_unsafe)
 
     def language_share(self, patterns: list[str]) -> float:
         """The fraction of the language model's parameters in Linear layers whose name contains one
@@ -245,127 +234,14 @@ def _apply_step_config_hooks(recipe: Recipe, config):
     return config
 
 
-def _step_args(recipe: Recipe, step: str) -> dict:
-    """The args of the recipe's first `step` step ({} when it has none)."""
-    return next((s.args for s in recipe.steps if s.step == step and isinstance(s.args, dict)), {})
-
-
-def _activations(recipe: Recipe, target: Target, family: str) -> str:
-    """fp32 | fp16: what onnx-quantize will make the graph's float type (see onnx_activations)."""
-    if recipe.format != "onnx":
-        return "fp32"
-    from edgemed.steps.onnx_steps import onnx_activations
-
-    return onnx_activations(_step_args(recipe, "onnx-quantize").get("activations", "auto"), target, family)[0]
-
-
-def _int4_layout(recipe: Recipe, fmt: str | None, activations: str = "fp32") -> tuple[int, int, int]:
-    """(block size, scale bytes, zero-point bits) per int4 block.
-
-    ONNX (MatMulNBits): one scale per block of `block_size` weights along K, in the graph's float
-    type (fp32 on a CPU, fp16 on a GPU, where blocks are `fp16_block_size`), plus a 4-bit zero
-    point packed two per uint8 when asymmetric (measured with onnxruntime 1.32: block 32
-    asymmetric fp32 = 5.125 bits/weight, symmetric = 5.0). The `fmin` and `hqq` algorithms store a
-    float per block on top of the scale (the block offset, or HQQ's float zero point): 6.0 at
-    block 32 in fp32, 4.25 at block 128 in fp16. Block size, symmetry and algorithm come from the
-    recipe's onnx-quantize args; a K the block does not divide takes a smaller block (fit_block).
-    TensorRT (ModelOpt INT4 AWQ): block 128, fp16 scale, no zero point.
-    """
-    if fmt == "tensorrt":
-        return 128, 2, 0
-    int4 = _step_args(recipe, "onnx-quantize").get("int4") or {}
-    fp16 = activations == "fp16"
-    block = int(int4.get("fp16_block_size", 128) if fp16 else int4.get("block_size", 32))
-    symmetric = bool(int4.get("symmetric", False))
-    algorithm = int4.get("algorithm", "mse")
-    float_bytes = 2 if fp16 else 4
-    if algorithm in ("fmin", "hqq"):
-        return block, float_bytes, float_bytes * 8
-    return block, float_bytes, 0 if symmetric else 4
-
-
-def _int8_projections(recipe: Recipe, fmt: str | None, activations: str) -> list[str]:
-    """The language projections onnx-quantize keeps at int8 in an int4 model (CPU layout only)."""
-    if fmt != "onnx" or activations != "fp32":
-        return []
-    int4 = _step_args(recipe, "onnx-quantize").get("int4") or {}
-    return list(int4.get("int8_projections") or [])
-
-
-def _int8_block(recipe: Recipe) -> int | None:
-    """Block size of weight-only int8 (MatMulNBits bits 8, one fp32 scale per block), or None for
-    per-channel int8 (quantize_dynamic)."""
-    int8 = _step_args(recipe, "onnx-quantize").get("int8")
-    if isinstance(int8, dict) and int8.get("method", "nbits") == "nbits":
-        return int(int8.get("block_size", 32))
-    return None
-
-
-def _bits_per_weight(precision: str, fmt: str | None, in_features: int, int4: tuple[int, int, int],
-                     int8_block: int | None = None, activations: str = "fp32") -> float:
-    """Effective bits per weight, scales and zero points included.
-
-    - GGUF: the llama.cpp type's own bits (block scales are inside PRECISION_BITS: q8_0 = 8.5);
-      generic names map to the type llama.cpp would store (int8 -> q8_0, int4 -> q4_0).
-    - int4: 4 + (scale bytes x 8 + zero-point bits) / block size (see _int4_layout), the block
-      fitted to in_features as the quantizer does.
-    - int8, ONNX weight-only (MatMulNBits bits 8, the default): 8 + 32 / block (an fp32 scale per
-      block; fp16 where activations are fp16: 8 + 16 / block).
-    - int8 otherwise: per output channel, an fp32 scale and an int8 zero point (ONNX Runtime
-      quantize_dynamic per_channel; TensorRT stores the scale only): 8 + 5 x 8 / in_features.
-      The number of output channels is taken as params / in_features, exact for embeddings and
-      lm_head and within a fraction of a percent elsewhere.
-    - fp4 (NVFP4): one fp8 scale per 16 weights: 4.5.
-    - fp32 / fp16 / bf16 / fp8: the plain width (fp8's per-tensor scale is negligible).
-    Norm weights and biases stay in float in every format; they are < 0.2% of a component
-    and are counted at the component's precision.
-    """
-    if fmt == "gguf":
-        return PRECISION_BITS[GGUF_TYPE_FOR.get(precision, precision)]
-    if precision == "int4":
-        from edgemed.steps.onnx_steps import fit_block
-
-        block, scale_bytes, zp_bits = int4
-        if fmt == "onnx" and in_features > 0:
-            block = fit_block(in_features, block)
-        return 4 + (scale_bytes * 8 + zp_bits) / block
-    if precision == "int8" and int8_block:
-        return 8 + (16 if activations == "fp16" else 32) / int8_block
-    if precision == "int8":
-        per_channel_bytes = 4 if fmt == "tensorrt" else 5
-        return 8 + per_channel_bytes * 8 / max(in_features, 1)
-    if precision == "fp4":
-        return 4.5
-    return PRECISION_BITS[precision]
-
-
-def _kv_bytes_per_element(fmt: str | None, activations: str = "fp32") -> int:
-    """ONNX: past_key_values are in the graph's float type (fp32 on a CPU, fp16 where
-    onnx-quantize makes activations fp16). llama.cpp's default cache type is f16; TensorRT
-    engines keep an fp16 KV cache on the GPU."""
-    if fmt in ("gguf", "tensorrt") or activations == "fp16":
-        return 2
-    return 4
-
-
-def _kv_copies(recipe: Recipe, shape: _ModelShape) -> int:
-    """KV caches alive at once during a decode step. A torch.onnx decoder takes past_key_values and
-    returns present = concat(past, new): both are in memory while it runs. The builder's
-    GroupQueryAttention, llama.cpp and TensorRT update one cache in place."""
-    if recipe.format != "onnx":
-        return 1
-    decoder = _step_args(recipe, "onnx-export").get("decoder", "auto")
-    return 1 if shape.builder_decoder and decoder != "torch" else 2
-
-
 def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens: int, source: str) -> Plan:
     if context_tokens < 1:
         raise InfeasiblePlanError(f"context_tokens must be >= 1, got {context_tokens}")
+    backend = backend_for(recipe, target, shape)
     fmt = recipe.format
     policy = recipe.policy
     facts = shape.facts
-    activations = _activations(recipe, target, shape.family)
-    int4 = _int4_layout(recipe, fmt, activations)
+    activations = backend.activations
     order = [c for c in COMPONENTS if c in shape.counts] + [c for c in shape.counts if c not in COMPONENTS]
 
     comps: dict[str, ComponentEstimate] = {}
@@ -375,26 +251,24 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
         if activations == "fp16" and prec == "fp32":
             prec = "fp16"  # onnx-quantize stores every float tensor fp16 there
         in_features = shape.vision_hidden if (name == "vision" and shape.vision_hidden) else facts.hidden_size
-        bits = _bits_per_weight(prec, fmt, in_features, int4, _int8_block(recipe) if fmt == "onnx" else None,
-                                activations)
+        bits = backend.bits_per_weight(prec, in_features)
         note = ""
-        keep8 = _int8_projections(recipe, fmt, activations) if name == "language" and prec == "int4" else []
+        keep8 = backend.int8_projections() if name == "language" and prec == "int4" else []
         share = shape.language_share(keep8) if keep8 else 0.0
         if share:
-            bits8 = _bits_per_weight("int8", fmt, in_features, int4, _int8_block(recipe), activations)
+            bits8 = backend.bits_per_weight("int8", in_features)
             bits = share * bits8 + (1 - share) * bits
             note = f"{share:.0%} of it int8 ({', '.join(keep8)})"
         nbytes = math.ceil(params * bits / 8)
-        if name == "lm_head" and shape.tied and fmt == "gguf":
-            # llama.cpp stores a tied output matrix once, as token_embd, and reads it per token.
+        if name == "lm_head" and shape.tied and backend.tied_lm_head_stored_once():
             nbytes, note = 0, "tied: stored once as the embedding table"
         comps[name] = ComponentEstimate(params=params, precision=prec, bits_per_weight=bits, bytes=nbytes,
                                         read_per_token=name in ("language", "lm_head"), note=note)
 
     artifact = sum(c.bytes for c in comps.values())
-    kv_elem = _kv_bytes_per_element(fmt, activations)
+    kv_elem = backend.kv_bytes_per_element()
     kv = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * context_tokens * kv_elem
-    kv_copies = _kv_copies(recipe, shape)
+    kv_copies = backend.kv_copies()
     overhead = math.ceil((artifact + kv * kv_copies) * RUNTIME_OVERHEAD_FRACTION) + RUNTIME_OVERHEAD_FIXED_BYTES
     runtime = artifact + kv * kv_copies + overhead
 
@@ -417,7 +291,7 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
         if c.precision not in target.precisions and c.precision not in ALWAYS_RUNNABLE:
             reasons.append(f"{name} at {c.precision}: {target.name} does not support {c.precision}"
                            f" (it runs: {', '.join(target.precisions)})")
-        allowed = COMPONENT_FORMAT_PRECISIONS.get((fmt, name), FORMAT_PRECISIONS.get(fmt)) if fmt else None
+        allowed = backend.storable(name) if fmt else None
         if allowed is not None and c.precision not in allowed:
             reasons.append(f"{name} at {c.precision}: the {fmt} format cannot store {name} at {c.precision}"
                            f" (use one of: {', '.join(sorted(allowed))})")
@@ -428,8 +302,7 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
             f"overhead {overhead / GB:.2f} GB), but {target.name} "
             f"leaves {target.usable_memory_gb:g} GB for a model"
         )
-    if fmt == "tensorrt":
-        reasons += _trt_build_reasons(recipe, target, comps, usable)
+    reasons += backend.build_reasons(comps, usable)
     return Plan(
         model=source, family=shape.family, recipe=recipe.name, target=target.name, format=fmt,
         context_tokens=context_tokens, components=comps, artifact_bytes=artifact, kv_cache_bytes=kv, kv_copies=kv_copies,
@@ -437,23 +310,6 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
         usable_memory_bytes=usable, bytes_per_token=per_token, memory_bandwidth_gb_s=target.memory_bandwidth_gb_s,
         decode_ceiling_tok_s=ceiling, feasible=not reasons, reasons=reasons,
     )
-
-
-def _trt_build_reasons(recipe: Recipe, target: Target, comps: dict[str, ComponentEstimate], usable: int) -> list[str]:
-    """`edgemed build-engine` builds one engine per graph; the largest is the decoder (language +
-    lm_head). TensorRT holds the parsed weights and the engine being built at once, plus the builder
-    workspace (the recipe's share of usable memory, capped) and its CUDA context. On a Jetson both
-    copies sit in the one shared DRAM; on a discrete GPU the parsed copy is in host memory."""
-    args = _step_args(recipe, "tensorrt-export")
-    workspace = min(usable * float(args.get("workspace_fraction", 0.25)), float(args.get("max_workspace_gb", 4.0)) * GB)
-    decoder = sum(c.bytes for n, c in comps.items() if n in ("language", "lm_head"))
-    shared = bool(target.accelerator and target.accelerator.memory_shared_with_cpu)
-    need = decoder * (2 if shared else 1) + workspace + RUNTIME_OVERHEAD_FIXED_BYTES
-    if need <= usable:
-        return []
-    return [f"building the decoder engine needs about {need / GB:.2f} GB (weights {decoder / GB:.2f} GB"
-            f"{' x 2: parsed network and engine share memory' if shared else ''} + builder workspace "
-            f"{workspace / GB:.2f} GB + CUDA context), but {target.name} leaves {target.usable_memory_gb:g} GB"]
 
 
 # --- fix hints: computed, never guessed -----------------------------------------------------

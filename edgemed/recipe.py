@@ -118,6 +118,14 @@ class Recipe(BaseModel):
                 fmt = cls.formats[0]
         return fmt
 
+    def step_args(self, step: str):
+        """The typed args of the recipe's first `step` step, or that step's defaults when it has none
+        (what the planner asks of a backend's steps; never untyped dicts with repeated defaults)."""
+        from edgemed.steps import STEPS
+
+        spec = next((s for s in self.steps if s.step == step), None)
+        return STEPS.get(step).Args.model_validate(spec.args if spec else {})
+
     def to_yaml(self) -> str:
         return dump_yaml(self)
 

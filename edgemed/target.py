@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgemed._resources import shipped_dir, shipped_names
 from edgemed._yaml import dump_yaml, read_yaml, validate
@@ -38,10 +38,20 @@ class Target(BaseModel):
     usable_memory_gb: float = Field(gt=0)
     memory_bandwidth_gb_s: float = Field(gt=0)
     precisions: list[str]
-    formats: list[Literal["onnx", "gguf", "tensorrt"]]
+    formats: list[str]  # artifact formats that run there (registered backends, edgemed.formats)
     runtimes: list[str]
     power: PowerMeasurement
     sources: list[str] = Field(default_factory=list)
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        from edgemed.formats.base import FORMATS
+
+        unknown = [f for f in v if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format(s) {', '.join(unknown)}; use: {', '.join(FORMATS)}")
+        return v
 
     def to_yaml(self) -> str:
         return dump_yaml(self)

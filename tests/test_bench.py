@@ -188,7 +188,7 @@ def test_synthetic_cxr_suite(tmp_path):
 
 def test_latency_summary_follows_the_conventions():
     from edgemed.bench.meters import latency_summary
-    from edgemed.runtime.onnx_session import GenerationResult
+    from edgemed.runtime.session import GenerationResult
 
     runs = [GenerationResult("", [1, 2, 3, 4, 5], 20, [0.1 + d, 0.12 + d, 0.14 + d, 0.16 + d, 0.18 + d],
                              preprocess_s=0.01, vision_encode_s=0.04) for d in (0.0, 0.01, 0.02, 0.03)]
@@ -205,12 +205,15 @@ def test_latency_summary_follows_the_conventions():
 def test_roofline_from_artifact_files():
     from edgemed.bench.meters import bytes_per_token, roofline
 
-    manifest = {"format": "onnx", "target": {"memory_bandwidth_gb_s": 51.2},
-                "model": {"text": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 100}},
-                "files": [{"path": "decoder_model_merged.onnx", "bytes": 1000, "component": "language+lm_head"},
-                          {"path": "decoder_model_merged.onnx.data", "bytes": 9_000, "component": "support"},
-                          {"path": "embed_tokens.onnx", "bytes": 10_000, "component": "embed"},
-                          {"path": "vision_encoder.onnx", "bytes": 50_000, "component": "vision+projector"}]}
+    from edgemed.artifact import Manifest
+
+    manifest = Manifest.model_validate({
+        "format": "onnx", "target": {"memory_bandwidth_gb_s": 51.2},
+        "model": {"text": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 100}},
+        "files": [{"path": "decoder_model_merged.onnx", "bytes": 1000, "component": "language+lm_head", "sha256": ""},
+                  {"path": "decoder_model_merged.onnx.data", "bytes": 9_000, "component": "support", "sha256": ""},
+                  {"path": "embed_tokens.onnx", "bytes": 10_000, "component": "embed", "sha256": ""},
+                  {"path": "vision_encoder.onnx", "bytes": 50_000, "component": "vision+projector", "sha256": ""}]})
     b = bytes_per_token(Path("."), manifest, context_tokens=10)
     assert b["weight_bytes"] == 10_000 and b["embed_row_bytes"] == 100
     assert b["kv_bytes"] == 2 * 2 * 2 * 16 * 10 * 4
@@ -248,7 +251,7 @@ def test_plots_skipped_with_a_reason_without_matplotlib(monkeypatch, tmp_path):
 
 
 def test_flips_directions_and_hallucination_probe():
-    from edgemed.bench.fidelity import flip_summary, hallucination_probe
+    from edgemed.reference.cache import flip_summary, hallucination_probe
 
     s = flip_summary([("a", "Yes.", "No, it is normal.", True), ("b", "no", "no", True),
                       ("c", "no", "normal lungs", True), ("d", "a nodule", "a mass", False)])
@@ -262,7 +265,7 @@ def test_flips_directions_and_hallucination_probe():
 
 
 def test_gate_metrics_registered_and_unmeasured_gates_fail():
-    from edgemed.parity import GATE_METRICS, evaluate_gates
+    from edgemed.reference.parity import GATE_METRICS, evaluate_gates
     from edgemed.recipe import Gates
 
     assert set(Gates.model_fields) <= set(GATE_METRICS)  # every recipe gate can be evaluated
@@ -282,16 +285,16 @@ def test_gate_metrics_registered_and_unmeasured_gates_fail():
 def test_parent_reference_cache_full_and_topk(tiny_dir, artifact, tmp_path):
     import edgemed.runtime
     from edgemed.artifact import read_manifest
-    from edgemed.bench.fidelity import REFERENCE_FILE, cache_parent_reference, compare_with_reference
+    from edgemed.reference.cache import REFERENCE_FILE, cache_parent_reference, compare_with_reference
     from edgemed.models import load_model
 
     out = artifact("llava-siglip", "int8")
     m = read_manifest(out)
-    ref = next(f for f in m["files"] if f["component"] == "reference")
-    assert ref["path"] == REFERENCE_FILE
+    ref = next(f for f in m.files if f.component == "reference")
+    assert ref.path == REFERENCE_FILE
     with np.load(out / REFERENCE_FILE, allow_pickle=False) as z:  # no pickled objects inside
         assert "logits_f16" in z.files and z["images"].dtype == np.uint8
-    assert m["gate_suite"]["answer_flip_rate"] is not None and m["gate_suite"]["positions"] > 100
+    assert m.gate_suite["answer_flip_rate"] is not None and m.gate_suite["positions"] > 100
 
     # top-k mode (what a large vocabulary gets): a lower bound on the full KLD, same top-1
     cm = load_model(str(tiny_dir("llava-siglip")))
@@ -328,7 +331,7 @@ class _FakeSession:
 
 def test_compare_with_reference_flips_retention_and_probe(tmp_path):
     """The device-side comparison on a hand-made reference: 4 closed items, parent right on 2."""
-    from edgemed.bench.fidelity import REFERENCE_FILE, compare_with_reference
+    from edgemed.reference.cache import REFERENCE_FILE, compare_with_reference
 
     rng = np.random.default_rng(0)
     parent_logits = rng.normal(size=(3, 10)).astype(np.float32)
@@ -376,9 +379,9 @@ def test_unreachable_gate_makes_compress_exit_3_and_reject(tiny_dir, tmp_path):
                "--output", str(out)])
     assert rc == 3
     m = read_manifest(out)  # the artifact is kept, marked rejected, and intact
-    assert m["status"] == "rejected" and "min_closed_acc_retention" in m["status_reason"]
-    assert "max_flip_rate" not in m["status_reason"]  # measured on the gate suite (fp32: no flips) and passed
-    assert m["gate_suite"]["answer_flip_rate"] == 0.0 and m["gate_suite"]["answer_flip_n"] >= 4
+    assert m.status == "rejected" and "min_closed_acc_retention" in m.status_reason
+    assert "max_flip_rate" not in m.status_reason  # measured on the gate suite (fp32: no flips) and passed
+    assert m.gate_suite["answer_flip_rate"] == 0.0 and m.gate_suite["answer_flip_n"] >= 4
     assert verify(out) == []
 
 
@@ -464,7 +467,7 @@ def test_bench_without_reference_reports_why_and_bad_suite_exits_2(artifact, tmp
     shutil.copytree(artifact("llava-siglip", "int8"), old)
     (old / "parent_reference.npz").unlink()
     m = read_manifest(old)
-    m["files"] = [f for f in m["files"] if f["component"] != "reference"]
+    m.files = [f for f in m.files if f.component != "reference"]
     write_manifest(old, m)
     r = run_bench(old, runs=2, warmup=0, max_new_tokens=3, plots=False, record_in_manifest=False)
     assert r["fidelity"]["kld_mean"] is None and "re-run compress" in r["fidelity"]["fidelity_unavailable_reason"]
@@ -483,8 +486,8 @@ def test_device_bench_script_without_torch(artifact, tmp_path):
 
 
 def test_bench_modules_import_without_torch():
-    code = ("import edgemed.bench, edgemed.bench.runner, edgemed.bench.suites, edgemed.bench.fidelity, "
-            "edgemed.bench.meters, edgemed.bench.report, edgemed.bench.parent, edgemed.cli")
+    code = ("import edgemed.bench, edgemed.bench.runner, edgemed.bench.suites, edgemed.reference.cache, "
+            "edgemed.bench.meters, edgemed.bench.report, edgemed.reference.parent, edgemed.cli")
     res = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}

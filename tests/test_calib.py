@@ -13,7 +13,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydicom.data import get_testdata_file
 
-from edgemed.calib import build_calibration_set, load_calibration_set, resolve_calibration_set
+from edgemed.calibration.sets import build_calibration_set, load_calibration_set, resolve_calibration_set
 from edgemed.cli import main
 from edgemed.errors import BadInputError
 

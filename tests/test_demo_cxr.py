@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from edgemed.demo_cxr import ASSET_DIR, IMAGE_TOKEN, TrainConfig
+from edgemed.demo.cxr import ASSET_DIR, IMAGE_TOKEN, TrainConfig
 
 pytestmark = pytest.mark.skipif(not (ASSET_DIR / "weights.safetensors").is_file(),
                                 reason="the trained demo weights are not in this checkout")
@@ -32,7 +32,7 @@ def test_shipped_weights_are_small_fp16_and_hold_only_what_training_changed():
     assert {k.split(".")[0] for k in keys} == {"vision_tower", "multi_modal_projector", "image_token_embedding", "lora"}
     assert sum(k.startswith("lora.") for k in keys) == 2 * 2 * 30  # q/v of SmolLM2's 30 blocks, A and B
     assert cfg.image_size == 128 and cfg.patch_size == 16
-    assert cfg == TrainConfig()  # `python -m edgemed.demo_cxr train` trains exactly what ships
+    assert cfg == TrainConfig()  # `python -m edgemed.demo.train train` trains exactly what ships
 
 
 def test_contrastive_grounding_asks_each_wording_both_ways():
@@ -40,7 +40,7 @@ def test_contrastive_grounding_asks_each_wording_both_ways():
     from collections import Counter
 
     from edgemed.data.synthetic_cxr import image_spec
-    from edgemed.demo_cxr import CLOSED_SUFFIX, grounding_questions
+    from edgemed.demo.data import CLOSED_SUFFIX, grounding_questions
 
     answers: dict[str, Counter] = {}
     for j in range(200):
@@ -62,7 +62,7 @@ def test_conversation_labels_cover_only_the_answers():
     from transformers import PreTrainedTokenizerFast
 
     from edgemed.data.synthetic_cxr import image_spec
-    from edgemed.demo_cxr import conversation, encode_conversation
+    from edgemed.demo.data import conversation, encode_conversation
     from edgemed.models.tiny import build_tokenizer
 
     tok = build_tokenizer()
@@ -79,7 +79,7 @@ def test_demo_is_llava_siglip_around_the_real_smollm2(demo_dir):
     import torch
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    from edgemed.demo_cxr import load_smollm2
+    from edgemed.demo.cxr import load_smollm2
 
     cfg = AutoConfig.from_pretrained(demo_dir)
     assert cfg.model_type == "llava" and cfg.vision_config.model_type == "siglip_vision_model"
@@ -95,7 +95,7 @@ def test_demo_is_llava_siglip_around_the_real_smollm2(demo_dir):
 
 @pytest.mark.slow
 def test_demo_answers_questions_about_its_images(demo_dir):
-    from edgemed.demo_cxr import evaluate
+    from edgemed.demo.evaluate import evaluate
 
     res = evaluate(demo_dir, n_images=40)
     assert res["n_items"] > 200

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edgemed import host
 from edgemed.bench import energy
 from edgemed.bench.energy import (
     AGX_ORIN_TOTAL_NOTE,
@@ -151,14 +152,14 @@ def test_rapl_long_window_without_poll_warns(tmp_path):
 
 def test_rapl_permission_denied(rapl, monkeypatch):
     # tests may run as root, where chmod does not deny reads: deny at the read instead
-    real = energy._read_int
+    real = energy.rapl.read_int
 
     def deny(path):
         if Path(path).name == "energy_uj":
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(energy, "_read_int", deny)
+    monkeypatch.setattr(energy.rapl, "read_int", deny)
     meter = RaplMeter(rapl, clock=FakeClock())
     assert meter.unavailable_reason() == RAPL_PERMISSION_REASON
     with meter:
@@ -492,7 +493,7 @@ def test_read_power_mode(tmp_path, monkeypatch):
         raise OSError("nvpmodel crashed")
 
     assert read_power_mode(runner=broken) is None
-    monkeypatch.setattr(energy.shutil, "which", lambda name: None)
+    monkeypatch.setattr(host.shutil, "which", lambda name: None)
     assert read_power_mode() is None  # off-Jetson
 
 
@@ -515,5 +516,6 @@ def test_energy_summary():
 
 
 def test_module_does_not_import_torch():
-    src = Path(energy.__file__).read_text()
-    assert "import torch" not in src and "\nimport pynvml" not in src
+    for path in [*Path(energy.__file__).parent.glob("*.py"), Path(host.__file__)]:
+        src = path.read_text()
+        assert "import torch" not in src and "\nimport pynvml" not in src, path

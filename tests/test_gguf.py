@@ -59,7 +59,7 @@ def _fields(reader):
 def test_permute_qk_matches_rope_pairing():
     """HF rotates (i, i + d/2) within a head; llama.cpp rotates (2i, 2i+1). Row 2i of the permuted
     matrix must be HF row i and row 2i+1 HF row i + d/2, head by head, for weights and biases."""
-    from edgemed.export.gguf import permute_qk
+    from edgemed.formats.gguf.language import permute_qk
 
     n_head, d, cols = 3, 8, 5
     w = np.arange(n_head * d * cols, dtype=np.float32).reshape(n_head * d, cols)
@@ -75,7 +75,7 @@ def test_permute_qk_matches_rope_pairing():
 
 
 def test_language_gguf_names_metadata_and_tokenizer(loaded, tmp_path):
-    from edgemed.export.gguf import permute_qk, write_language_gguf
+    from edgemed.formats.gguf.language import permute_qk, write_language_gguf
 
     cm = loaded("llava-siglip")
     path = tmp_path / "model-f32.gguf"
@@ -114,7 +114,7 @@ def test_language_gguf_names_metadata_and_tokenizer(loaded, tmp_path):
 
 
 def test_mmproj_llava_follows_clip_rules(loaded, tmp_path):
-    from edgemed.export.gguf import CLIP_FEATURE_LAYER, write_mmproj_gguf
+    from edgemed.formats.gguf.mmproj import CLIP_FEATURE_LAYER, write_mmproj_gguf
 
     cm = loaded("llava-siglip")
     write_mmproj_gguf(cm, tmp_path / "mmproj.gguf")
@@ -140,7 +140,7 @@ def test_mmproj_llava_follows_clip_rules(loaded, tmp_path):
 
 
 def test_mmproj_idefics3(loaded, tmp_path):
-    from edgemed.export.gguf import write_mmproj_gguf
+    from edgemed.formats.gguf.mmproj import write_mmproj_gguf
 
     cm = loaded("idefics3")
     write_mmproj_gguf(cm, tmp_path / "mmproj.gguf")
@@ -155,7 +155,7 @@ def test_mmproj_idefics3(loaded, tmp_path):
 def test_model_llama_cpp_cannot_run_is_refused_before_writing(tiny_dir, tmp_path):
     """The tiny Gemma 3 scales attention by query_pre_attn_scalar=256 with head_dim 16; llama.cpp's
     gemma3 graph always uses 1/sqrt(head_dim), so the GGUF would be silently wrong: refuse (exit 2)."""
-    from edgemed.export.gguf import export_gguf
+    from edgemed.formats.gguf.export import export_gguf
     from edgemed.models import load_model
 
     cm = load_model(str(tiny_dir("gemma3")))
@@ -166,7 +166,7 @@ def test_model_llama_cpp_cannot_run_is_refused_before_writing(tiny_dir, tmp_path
 
 
 def test_imatrix_gguf_round_trip(tmp_path):
-    from edgemed.steps.imatrix import ImatrixStats, read_imatrix, write_imatrix_gguf
+    from edgemed.formats.gguf.imatrix import ImatrixStats, read_imatrix, write_imatrix_gguf
 
     stats = ImatrixStats(sums={"blk.0.attn_q.weight": np.array([4.0, 8.0], np.float32)},
                          counts={"blk.0.attn_q.weight": 4}, chunks=2, tokens=4)
@@ -177,7 +177,7 @@ def test_imatrix_gguf_round_trip(tmp_path):
 
 
 def test_runtime_module_does_not_import_torch():
-    code = ("import sys, edgemed.runtime.gguf_session, edgemed.runtime; "
+    code = ("import sys, edgemed.formats.gguf.session, edgemed.runtime; "
             "bad = {'torch', 'transformers'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -191,12 +191,12 @@ def test_q8_0_vlm_loads_in_llama_cpp_and_matches_transformers(family, artifact, 
     import torch
 
     from edgemed.artifact import read_manifest
-    from edgemed.parity import compare_logits
+    from edgemed.reference.parity import compare_logits
 
     out = artifact(family, "q8_0")
     m = read_manifest(out)
-    assert m["format"] == "gguf" and m["status"] == "ok"
-    files = {f["path"]: f for f in m["files"]}
+    assert m.format == "gguf" and m.status == "ok"
+    files = {f.path: f for f in m.files}
     assert {"model-q8_0.gguf", "mmproj-f16.gguf"} <= set(files)
     cm = loaded(family)
     text = cm.build_prompt("Is there a pleural effusion on this chest radiograph?", False)
@@ -215,7 +215,7 @@ def test_q8_0_vlm_loads_in_llama_cpp_and_matches_transformers(family, artifact, 
     assert c["positions"] == len(ids) > 10
     assert c["kld_mean"] < 1e-3 and c["logits_max_abs_diff"] < 0.1
     # edgemed's own parity record: all positions, image embeddings from the mmproj
-    p = m["parity"]
+    p = m.parity
     assert p["kld_mean"] < 1e-3 and p["prefill"]["positions"] > 50
     assert p["vision_cosine_min"] > 0.9999
     assert p["kv_cache"] == "f32" and "vision_upstream_issue" not in p
@@ -227,8 +227,8 @@ def test_clip_cls_tower_marked_wrong_upstream(artifact):
     from edgemed.artifact import read_manifest
 
     m = read_manifest(artifact("llava-clip", "q8_0"))
-    assert "25814" in m["parity"]["vision_upstream_issue"]
-    assert any("25814" in n for n in m["notes"])
+    assert "25814" in m.parity["vision_upstream_issue"]
+    assert any("25814" in n for n in m.notes)
 
 
 def test_q4_k_m_writes_real_q4_k(llama256_dir, tmp_path):
@@ -243,18 +243,19 @@ def test_q4_k_m_writes_real_q4_k(llama256_dir, tmp_path):
     assert types["blk.0.attn_q.weight"] == Q4_K and types["blk.1.ffn_gate.weight"] == Q4_K
     assert types["token_embd.weight"] == Q4_K  # policy embed q4_k_m
     assert types["output.weight"] == gguf.GGMLQuantizationType.Q6_K  # policy lm_head q6_k
-    assert not any("fallback" in n for n in m["notes"])  # 256-wide rows take K-quants
-    assert any(n.startswith("imatrix:") for n in m["notes"]) and (out / "imatrix.gguf").is_file()
-    assert m["parity"]["kld_mean"] < 0.05
+    assert not any("fallback" in n for n in m.notes)  # 256-wide rows take K-quants
+    assert any(n.startswith("imatrix:") for n in m.notes) and (out / "imatrix.gguf").is_file()
+    assert m.parity["kld_mean"] < 0.05
 
 
 def test_imatrix_changes_quantized_weights(loaded, tmp_path, llama256_dir):
     _llama_cpp()
-    from edgemed.export.gguf import write_language_gguf
+    from edgemed.formats.gguf.language import write_language_gguf
     from edgemed.models import load_model
     from edgemed.recipe import load_recipe
-    from edgemed.steps.gguf_steps import quantize_gguf
-    from edgemed.steps.imatrix import calibration_set, compute_imatrix, write_imatrix_gguf
+    from edgemed.formats.gguf.steps import quantize_gguf
+    from edgemed.calibration.samples import calibration_set
+    from edgemed.formats.gguf.imatrix import compute_imatrix, write_imatrix_gguf
 
     cm = load_model(str(llama256_dir))
     policy = load_recipe("q4_k_m").policy
@@ -273,7 +274,8 @@ def test_imatrix_changes_quantized_weights(loaded, tmp_path, llama256_dir):
 
 
 def test_multimodal_imatrix_sees_image_positions(loaded):
-    from edgemed.steps.imatrix import calibration_set, compute_imatrix
+    from edgemed.calibration.samples import calibration_set
+    from edgemed.formats.gguf.imatrix import compute_imatrix
 
     cm = loaded("llava-siglip")
     mm = calibration_set(cm, None, "multimodal", 2)
@@ -302,7 +304,7 @@ def test_corrupt_gguf_fails_verify(artifact, tmp_path):
 def test_truncated_gguf_is_bad_input_not_a_crash(artifact, tmp_path):
     _llama_cpp()
     import edgemed.runtime
-    from edgemed.runtime.gguf_session import check_gguf_file
+    from edgemed.formats.gguf.session import check_gguf_file
 
     out = tmp_path / "a"
     shutil.copytree(artifact("llava-siglip", "q8_0"), out)
@@ -325,7 +327,7 @@ def test_generate_through_llama_cpp_mtmd(artifact, family):
     embeddings fill edgemed's single global-image block)."""
     _llama_cpp()
     import edgemed.runtime
-    from edgemed.parity import synthetic_test_image
+    from edgemed.calibration.builtin import synthetic_test_image
 
     s = edgemed.runtime.load(artifact(family, "q8_0"), n_threads=1)
     try:
@@ -346,8 +348,8 @@ def test_other_decoders_q8_0_parity(family, artifact):
     from edgemed.artifact import read_manifest
 
     m = read_manifest(artifact(family, "q8_0"))
-    p = m["parity"]
-    assert m["status"] == "ok" and p["kld_mean"] < 1e-3 and p["prefill"]["positions"] > 30
+    p = m.parity
+    assert m.status == "ok" and p["kld_mean"] < 1e-3 and p["prefill"]["positions"] > 30
     assert p["llama_cpp_tokenizer_agrees"] is True
 
 
@@ -388,7 +390,7 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     f = _fields(gguf.GGUFReader(tmp_path / "a" / "model-q8_0.gguf"))
     assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.scores"]) == len(f["tokenizer.ggml.tokens"])
     assert f["tokenizer.ggml.token_type"][3] == gguf.TokenType.CONTROL  # <|im_start|> is parsed as special
-    assert m["parity"]["kld_mean"] < 1e-3
+    assert m.parity["kld_mean"] < 1e-3
     llm = lc.Llama(model_path=str(tmp_path / "a" / "model-q8_0.gguf"), verbose=False)
     try:
         ids = llm.tokenize("<|im_start|>user".encode(), add_bos=False, special=True)
@@ -398,7 +400,7 @@ def test_sentencepiece_style_tokenizer(tmp_path):
     # llama.cpp's SPM tokenizer merges by score and prefixes "▁" after every special token, so it
     # need not reproduce a tokenizer.json BPE exactly; edgemed's runtime feeds the parent's ids, and
     # parity states whether llama.cpp's own tokenization agrees (for llama-cli / Ollama users).
-    assert isinstance(m["parity"]["llama_cpp_tokenizer_agrees"], bool)
+    assert isinstance(m.parity["llama_cpp_tokenizer_agrees"], bool)
 
 
 @pytest.mark.slow
@@ -411,8 +413,8 @@ def test_gemma3_q8_0_text_and_mmproj(tmp_path):
 
     src = build_tiny("gemma3", tmp_path / "g3", query_pre_attn_scalar=16)
     m = compress(str(src), ["q8_0"], "cpu-x86-avx2", tmp_path / "a").manifest
-    p = m["parity"]
-    assert m["status"] == "ok"
+    p = m.parity
+    assert m.status == "ok"
     assert p["vision_cosine_min"] > 0.9999 and p["kld_mean"] < 1e-3
     f = _fields(gguf.GGUFReader(tmp_path / "a" / "mmproj-f16.gguf"))
     assert f["clip.projector_type"] == "gemma3" and f["clip.vision.projector.scale_factor"] == 2

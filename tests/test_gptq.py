@@ -3,7 +3,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from edgemed.steps.gptq import gptq_quantize, matmulnbits_initializers
+from edgemed.formats.onnx.int4.grids import gptq_quantize, matmulnbits_initializers
 
 
 def _rtn(w, block):
@@ -59,7 +59,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
 def test_mse_grid_has_less_weight_error_than_round_to_nearest():
     """mse_quantize keeps rtn's grid among its candidates and refits the scale by least squares, so no
     block can get worse than rtn; on heavy-tailed weights it is better overall."""
-    from edgemed.steps.gptq import mse_quantize
+    from edgemed.formats.onnx.int4.grids import mse_quantize
 
     k, n, block = 128, 200, 32
     w = np.random.default_rng(4).standard_t(df=4, size=(k, n)) * 0.02

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +30,7 @@ def moe_q8(llama_wide, tmp_path_factory):
 
 
 def test_balanced_kmeans_recovers_planted_coactivation_groups():
-    from edgemed.steps.moe import balanced_kmeans
+    from edgemed.transforms.moe import balanced_kmeans
 
     rng = np.random.default_rng(0)
     groups, per, tokens = 4, 8, 400
@@ -132,5 +131,5 @@ def test_moe_onnx_int8_matches_its_pytorch_parent(llama_wide, tmp_path):
 
     r = compress(str(llama_wide), ["moe-8x-top2", "int8"], TARGET, tmp_path / "int8")
     assert r.status == "ok"
-    assert r.manifest["parity"]["kld_mean"] < 1e-3
-    assert r.manifest["runtime"]["moe"]["num_experts"] == 8
+    assert r.manifest.parity["kld_mean"] < 1e-3
+    assert r.manifest.runtime["moe"]["num_experts"] == 8

@@ -19,7 +19,7 @@ def _ops(path):
 
 def test_fp32_export_matches_parent(artifact):
     m = read_manifest(artifact("llava-siglip", "fp32"))
-    p = m["parity"]
+    p = m.parity
     assert p["prefill"]["positions"] > 50
     assert p["logits_max_abs_diff"] < 1e-4
     assert p["decode"]["logits_max_abs_diff"] < 1e-4
@@ -32,13 +32,14 @@ def test_quantized_artifact_layout_and_manifest(artifact, recipe):
     out = artifact("llava-siglip", recipe)
     assert LAYOUT <= {p.name for p in out.iterdir()}
     m = read_manifest(out)
+    written = json.loads((out / "manifest.json").read_text())
     for key in ("schema_version", "created_utc", "edgemed_version", "source", "recipe", "target", "calibration",
                 "tools", "files", "results", "status"):
-        assert key in m
-    assert m["status"] == "ok"
-    assert m["recipe"]["steps"][1]["args"]["int4"]["block_size"] == 32  # resolved defaults
-    assert all(len(f["sha256"]) == 64 for f in m["files"])
-    assert {f["path"] for f in m["files"]} >= {"decoder_model_merged.onnx", "vision_encoder.onnx"}
+        assert key in written
+    assert m.status == "ok"
+    assert m.recipe["steps"][1]["args"]["int4"]["block_size"] == 32  # resolved defaults
+    assert all(len(f.sha256) == 64 for f in m.files)
+    assert {f.path for f in m.files} >= {"decoder_model_merged.onnx", "vision_encoder.onnx"}
     dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
     ins = [i.name for i in dec.graph.input]
     assert {"inputs_embeds", "attention_mask", "past_key_values.1.value"} <= set(ins)
@@ -53,7 +54,7 @@ def test_quantized_artifact_layout_and_manifest(artifact, recipe):
         assert "GatherBlockQuantized" in _ops(out / "embed_tokens.onnx")  # int8 embedding table
     # The vision tower and projector stay >= 8 bit in every shipped recipe.
     assert _bits_by_component(out / "vision_encoder.onnx") == {"vision": {8}, "projector": {8}}
-    assert m["parity"]["kld_mean"] < 0.05
+    assert m.parity["kld_mean"] < 0.05
 
 
 def _bits_by_component(path):
@@ -120,7 +121,7 @@ def test_runtime_runs_where_torch_cannot_be_imported(artifact, recipe):
 
 
 def test_runtime_import_is_torch_free():
-    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import edgemed.runtime, edgemed.runtime.onnx_session"],
+    res = subprocess.run([sys.executable, "-X", "importtime", "-c", "import edgemed.runtime, edgemed.formats.onnx.session"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0
     imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}
@@ -159,7 +160,7 @@ def test_verify_accepts_then_rejects_a_flipped_byte(artifact, tmp_path):
 @pytest.mark.parametrize("family", ["llava-clip", "idefics3", "gemma3", "llama", "mistral", "qwen2", "phi3"])
 def test_every_family_exports_at_parity(artifact, family):
     out = artifact(family, "fp32")
-    p = read_manifest(out)["parity"]
+    p = read_manifest(out).parity
     assert p["logits_max_abs_diff"] < 1e-4, p
     if family in ("llava-clip", "idefics3", "gemma3"):
         assert p["vision_cosine_min"] > 0.99999
@@ -175,7 +176,7 @@ def test_every_family_exports_at_parity(artifact, family):
 def test_fp16_recipe(artifact):
     out = artifact("llava-siglip", "fp16")
     m = read_manifest(out)
-    assert m["parity"]["kld_mean"] < 0.01
+    assert m.parity["kld_mean"] < 0.01
     dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in dec.graph.initializer)
 
@@ -189,7 +190,7 @@ def test_gpu_target_gets_an_fp16_graph_at_parity(tiny_dir, tmp_path):
     out = tmp_path / "gpu"
     compress(str(tiny_dir("llava-siglip")), ["int4"], "jetson-orin-nano-8gb", out)
     m = read_manifest(out)
-    assert m["runtime"]["activations"] == "fp16" and any("fp16 on jetson-orin-nano-8gb" in n for n in m["notes"])
+    assert m.runtime["activations"] == "fp16" and any("fp16 on jetson-orin-nano-8gb" in n for n in m.notes)
     dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
     f16 = onnx.TensorProto.FLOAT16
     types = {v.name: v.type.tensor_type.elem_type for v in list(dec.graph.input) + list(dec.graph.output)}
@@ -198,29 +199,31 @@ def test_gpu_target_gets_an_fp16_graph_at_parity(tiny_dir, tmp_path):
     assert not any(t.data_type == onnx.TensorProto.FLOAT for t in dec.graph.initializer)
     blocks = {next(a.i for a in n.attribute if a.name == "block_size")
               for n in dec.graph.node if n.op_type == "MatMulNBits"}
-    hidden = m["model"]["text"]["hidden_size"]
+    hidden = m.model.text["hidden_size"]
     assert blocks and max(blocks) == min(128, hidden)  # fit_block: the largest power of two <= 128 dividing K
     assert _bits_by_component(out / "decoder_model_merged.onnx") == {"language": {4}, "lm_head": {8}}
     # The vision and embedding graphs keep fp32 inputs and outputs around an fp16 body.
     vis = onnx.load(str(out / "vision_encoder.onnx"), load_external_data=False)
     assert vis.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == f16 for t in vis.graph.initializer)
-    assert m["parity"]["kld_mean"] < 0.01  # (a random tiny model has near ties: top-1 is no measure here)
+    assert m.parity["kld_mean"] < 0.01  # (a random tiny model has near ties: top-1 is no measure here)
     s = load(out)
     assert s._kv_dtype == np.float16
     assert len(s.generate(None, "hello", max_new_tokens=4, stop_at_eos=False).token_ids) == 4
 
 
 def test_activations_follow_the_target_and_family():
-    from edgemed.steps.onnx_steps import onnx_activations
+    from edgemed.formats.onnx.steps import onnx_activations
+    from edgemed.models import FAMILIES
     from edgemed.target import load_target
 
+    llava, gemma3 = FAMILIES.get("llava").fp16_unsafe, FAMILIES.get("gemma3").fp16_unsafe
     nano, cpu = load_target("jetson-orin-nano-8gb"), load_target("cpu-x86-avx2")
-    assert onnx_activations("auto", nano, "llava")[0] == "fp16"
-    assert onnx_activations("auto", cpu, "llava") == ("fp32", None)
-    act, why = onnx_activations("auto", nano, "gemma3")
+    assert onnx_activations("auto", nano, llava)[0] == "fp16"
+    assert onnx_activations("auto", cpu, llava) == ("fp32", None)
+    act, why = onnx_activations("auto", nano, gemma3)
     assert act == "fp32" and "fp16" in why  # Gemma 3's activations leave fp16's range
-    assert onnx_activations("fp32", nano, "llava") == ("fp32", None)
+    assert onnx_activations("fp32", nano, llava) == ("fp32", None)
 
 
 def test_shared_kv_cache_decodes_through_its_kept_binding_and_growth(artifact):

@@ -104,7 +104,8 @@ def test_depth_prune_keeps_kv_cache_consistent(llama8):
     from transformers import DynamicCache
 
     from edgemed.models import load_model
-    from edgemed.pipeline import Context, resolve
+    from edgemed.pipeline import resolve
+    from edgemed.context import Context
 
     cm = load_model(str(llama8))
     recipe, tgt = resolve(["prune-depth-25"], TARGET)
@@ -236,7 +237,7 @@ def test_llava_language_model_pruned_with_image_calibration(tmp_path):
 def test_sparsity_masks_follow_their_pattern():
     import torch
 
-    from edgemed.steps.prune import sparsity_mask
+    from edgemed.transforms.sparsity import sparsity_mask
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=g)

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from edgemed.bench.suites import load_suite
-from edgemed.data.synthetic_cxr import (DICOM_PATIENT_ID, DICOM_PATIENT_NAME, FINDINGS, SITES, generate,
-                                        image_spec, render)
+from edgemed.data.synthetic_cxr import FINDINGS, SITES, generate, image_spec, render
+from edgemed.data.synthetic_dicom import DICOM_PATIENT_ID, DICOM_PATIENT_NAME
 from edgemed.errors import BadInputError
-from edgemed.io import load_medical_image
+from edgemed.imaging import load_medical_image
 
 SPLITS = {"train": 0.5, "test": 0.25, "calib": 0.25}  # 20 images: 10 / 5 / 5
 

@@ -12,19 +12,20 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgemed.artifact import read_manifest, verify, write_manifest
+from edgemed.artifact import Manifest, read_manifest, verify, write_manifest
 from edgemed.cli import main
-from edgemed.export.onnx import COMPONENT_KEY
+from edgemed.formats.onnx.graph import COMPONENT_KEY
 from edgemed.recipe import ComponentPolicy, load_recipe
-from edgemed.steps.trt_steps import (PROFILES_FILE, TrtExportArgs, build_profiles, qdq_graph,
-                                     validate_profiles)
+from edgemed.formats.tensorrt.args import PROFILES_FILE, TrtExportArgs
+from edgemed.formats.tensorrt.profiles import build_profiles, validate_profiles
+from edgemed.formats.tensorrt.qdq import qdq_graph
 
 GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
 CONTRIB = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "GroupQueryAttention", "QLinearMatMul"}
 
 
 def _tensorrt_reason() -> str | None:
-    from edgemed.runtime.trt_session import tensorrt_available
+    from edgemed.formats.tensorrt.session import tensorrt_available
 
     return tensorrt_available()
 
@@ -98,7 +99,7 @@ def test_qdq_compiler_follows_policy(tmp_path, language, lm_head, dq_types, int4
 def test_awq_clip_beats_rtn_on_outlier_channels():
     """The clip search never does worse than round-to-nearest on the activation-weighted error
     it minimizes (r = 1.0 is RTN and is among the candidates), and does better with outliers."""
-    from edgemed.steps.trt_steps import _awq_clip_blocks
+    from edgemed.formats.tensorrt.qdq import _awq_clip_blocks
 
     rng = np.random.default_rng(1)
     w = rng.standard_t(3, (256, 32)).astype(np.float32) * 0.02  # heavy tails: clipping pays
@@ -192,8 +193,7 @@ def test_trt_recipes_ship_and_say_what_int4_is():
 
 @pytest.mark.skipif(_tensorrt_reason() is None, reason="tensorrt is installed here: test_engine_build_and_parity covers it")
 def test_build_engine_without_tensorrt_exits_2(tmp_path, capsys):
-    write_manifest(tmp_path, {"schema_version": 1, "format": "tensorrt", "files": [],
-                              "runtime": {"trt": {"graphs": {}}}})
+    write_manifest(tmp_path, Manifest(format="tensorrt", runtime={"trt": {"graphs": {}}}))
     assert main(["build-engine", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "TensorRT is not installed" in err and "pip install" in err
@@ -203,7 +203,7 @@ def test_runtime_import_stays_torch_free():
     import subprocess
     import sys
 
-    code = ("import sys, edgemed.runtime, edgemed.runtime.trt_session, edgemed.export.tensorrt; "
+    code = ("import sys, edgemed.runtime, edgemed.formats.tensorrt.session, edgemed.formats.tensorrt.engine; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -229,7 +229,7 @@ def trt_artifact(tiny_dir, tmp_path_factory):
 
 
 def _logits(session, with_image=True):
-    from edgemed.parity import synthetic_test_image
+    from edgemed.calibration.builtin import synthetic_test_image
 
     pv = session.pixel_values(synthetic_test_image(seed=3)) if with_image else None
     ids = session.prompt_ids("Is the heart enlarged on this radiograph?", with_image)
@@ -239,13 +239,13 @@ def _logits(session, with_image=True):
 @pytest.mark.slow  # two compresses (about 25 s each here) and the fp32 reference
 @pytest.mark.parametrize("recipe,max_kld,max_rel", [("trt-int8", 1e-3, 0.05), ("trt-int4-awq", 1e-2, 0.2)])
 def test_qdq_artifact_runs_on_ort_close_to_fp32(trt_artifact, artifact, recipe, max_kld, max_rel):
-    from edgemed.parity import compare_logits
+    from edgemed.reference.parity import compare_logits
     from edgemed.runtime import load
-    from edgemed.runtime.onnx_session import OnnxSession
+    from edgemed.formats.onnx.session import OnnxSession
 
     out = trt_artifact(recipe)
     m = read_manifest(out)
-    assert m["format"] == "tensorrt" and m["status"] == "ok"
+    assert m.format == "tensorrt" and m.status == "ok"
     for g in GRAPHS:
         model = onnx.load(str(out / g), load_external_data=False)
         ops = {n.op_type for n in model.graph.node}
@@ -278,14 +278,14 @@ def test_qdq_artifact_runs_on_ort_close_to_fp32(trt_artifact, artifact, recipe, 
         c = compare_logits(want, got)
         rel = c["logits_max_abs_diff"] / np.abs(want).max()
         assert c["kld_mean"] < max_kld and 0 < rel < max_rel, c
-    assert m["parity"]["kld_mean"] < max_kld
+    assert m.parity["kld_mean"] < max_kld
 
 
 @pytest.mark.slow
 def test_manifest_holds_build_profiles(trt_artifact):
     out = trt_artifact("trt-int8")
     m = read_manifest(out)
-    trt = m["runtime"]["trt"]
+    trt = m.runtime["trt"]
     assert json.loads((out / PROFILES_FILE).read_text())["graphs"] == trt["graphs"]
     assert validate_profiles(trt, out) == []
     assert set(trt["graphs"]) == set(GRAPHS) and trt["engines"] is None
@@ -296,8 +296,8 @@ def test_manifest_holds_build_profiles(trt_artifact):
     assert dec["profiles"][1]["shapes"]["inputs_embeds"]["max"][1] == 1  # decode: one token
     # Workspace from the target's memory: 25% of Orin Nano's 5.2 GB usable, capped at 4 GB.
     assert dec["workspace_bytes"] == 1_300_000_000
-    assert m["runtime"]["decoder_builder"] == "torch"
-    assert m["calibration"]["count"] == 8 and len(m["calibration"]["sha256"]) == 64
+    assert m.runtime["decoder_builder"] == "torch"
+    assert m.calibration["count"] == 8 and len(m.calibration["sha256"]) == 64
     assert main(["inspect", str(out), "--verify"]) == 0
 
 
@@ -305,23 +305,23 @@ def test_manifest_holds_build_profiles(trt_artifact):
 def test_engine_records_are_hashed_and_verified(trt_artifact, tmp_path):
     """What build-engine writes into the manifest (without building: fake engine bytes) keeps
     `inspect --verify` passing, and a session falls back to the Q/DQ ONNX where tensorrt is absent."""
-    from edgemed.export.tensorrt import _record_engine_files
+    from edgemed.formats.tensorrt.engine import _record_engine_files
     from edgemed.runtime import load
 
     out = tmp_path / "a"
     shutil.copytree(trt_artifact("trt-int8"), out)
     m = read_manifest(out)
-    graphs = m["runtime"]["trt"]["graphs"]
+    graphs = m.runtime["trt"]["graphs"]
     built = {g: e["engine"] for g, e in graphs.items()}
     for rel in built.values():
         (out / rel).parent.mkdir(exist_ok=True)
         (out / rel).write_bytes(b"not a real engine")
     _record_engine_files(out, m, built, graphs)
-    m["runtime"]["trt"]["engines"] = built
+    m.runtime["trt"]["engines"] = built
     write_manifest(out, m)
     assert verify(out) == []
-    rec = {f["path"]: f for f in read_manifest(out)["files"]}["engines/decoder_model_merged.engine"]
-    assert rec["format"] == "tensorrt-engine" and rec["component"] == "language+lm_head" and rec["precision"] == "int8"
+    rec = read_manifest(out).file("engines/decoder_model_merged.engine")
+    assert rec.format == "tensorrt-engine" and rec.component == "language+lm_head" and rec.precision == "int8"
     if _tensorrt_reason() is not None:
         assert "not importable" in load(out).parity_record()["runtime_backend"]
 
@@ -329,9 +329,9 @@ def test_engine_records_are_hashed_and_verified(trt_artifact, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(_tensorrt_reason() is not None, reason=f"needs TensorRT and a GPU: {_tensorrt_reason()}")
 def test_engine_build_and_parity(trt_artifact, tmp_path):
-    from edgemed.export.tensorrt import build_engines
-    from edgemed.parity import compare_logits
-    from edgemed.runtime.trt_session import open_tensorrt
+    from edgemed.formats.tensorrt.engine import build_engines
+    from edgemed.reference.parity import compare_logits
+    from edgemed.formats.tensorrt.session import open_tensorrt
 
     out = tmp_path / "a"
     shutil.copytree(trt_artifact("trt-fp16"), out)
@@ -569,23 +569,23 @@ def _fake_tensorrt():
 def test_build_engine_and_trt_session_glue_with_a_stand_in(trt_artifact, tmp_path, monkeypatch, capsys):
     import sys
 
-    import edgemed.runtime.trt_session as ts
+    import edgemed.formats.tensorrt.session as ts
     from edgemed.runtime import load
 
     out = tmp_path / "a"
     shutil.copytree(trt_artifact("trt-int8"), out)  # before the stand-in: compress loads transformers
     trt, cudart = _fake_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(ts, "_cudart", lambda: cudart)
+    monkeypatch.setattr(ts, "load_cudart", lambda: cudart)
     assert main(["build-engine", str(out)]) == 0
     assert main(["build-engine", str(out)]) == 2 and "--force" in capsys.readouterr().err
     assert verify(out) == []
     m = read_manifest(out)
-    rec = m["runtime"]["trt"]
+    rec = m.runtime["trt"]
     assert set(rec["engines"]) == set(GRAPHS) and all((out / p).is_file() for p in rec["engines"].values())
     b = rec["build"]
     assert (b["tensorrt"], b["cuda_runtime"], b["gpu"], b["compute_capability"]) == ("10.0.0-fake", "12.6", "Fake Orin", "sm_87")
-    assert m["tools"]["tensorrt"] == "10.0.0-fake"
+    assert m.tools["tensorrt"] == "10.0.0-fake"
     assert ["FP16", "INT8"] in trt.fake_log["flags"] and 2 in trt.fake_log["profiles"]
     assert set(trt.fake_log["workspace"]) == {1_300_000_000}
 
@@ -594,7 +594,7 @@ def test_build_engine_and_trt_session_glue_with_a_stand_in(trt_artifact, tmp_pat
     for got, want in zip(_logits(trt_s), _logits(ort_s)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert 1 in trt.fake_log["switches"]  # the decode profile was selected for one-token steps
-    from edgemed.parity import synthetic_test_image
+    from edgemed.calibration.builtin import synthetic_test_image
 
     a = trt_s.generate(synthetic_test_image(), "Any effusion?", max_new_tokens=6, stop_at_eos=False)
     b_ = ort_s.generate(synthetic_test_image(), "Any effusion?", max_new_tokens=6, stop_at_eos=False)
@@ -603,7 +603,7 @@ def test_build_engine_and_trt_session_glue_with_a_stand_in(trt_artifact, tmp_pat
 
 
 def test_a_quantizer_that_ignores_the_policy_is_caught(tmp_path, monkeypatch):
-    import edgemed.steps.trt_steps as ts
+    import edgemed.formats.tensorrt.qdq as ts
     from edgemed.errors import EdgemedError
 
     src = tmp_path / "g.onnx"

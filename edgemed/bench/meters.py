@@ -13,9 +13,12 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgemed.artifact import FileRecord, Manifest
 
 __all__ = ["percentiles", "latency_summary", "PeakRssSampler", "accelerator_memory", "host_info",
            "measure_bandwidth_gb_s", "bytes_per_token", "roofline", "artifact_mb"]
@@ -179,37 +182,38 @@ def measure_bandwidth_gb_s(nbytes: int = 256_000_000, repeats: int = 5) -> float
     return 2 * src.nbytes / best / 1e9
 
 
-def _file_component(rec: dict) -> set[str]:
-    return set(str(rec.get("component") or "").split("+"))
+def _file_component(rec: "FileRecord") -> set[str]:
+    return set(str(rec.component or "").split("+"))
 
 
-def bytes_per_token(artifact_dir: Path, manifest: dict, context_tokens: float,
+def bytes_per_token(artifact_dir: Path, manifest: "Manifest", context_tokens: float,
                     kv_bytes_per_element: int | None = None) -> dict[str, Any]:
     """Bytes a decode step reads: every file holding language or lm_head weights (with its
     external-data file), one embedding row, and the KV cache at ``context_tokens``.
 
-    KV element size: what the session reports (``kv_bytes_per_element``), else the format's
-    default as in edgemed.plan (ONNX keeps KV in fp32; llama.cpp f16). The vision tower runs once per image, not per token, so it is not counted.
+    KV element size: what the session reports (``kv_bytes_per_element``), else what the planner
+    counted for this artifact's layout (the manifest's plan: ONNX on a CPU keeps KV in fp32; llama.cpp
+    and TensorRT f16), else 4. The vision tower runs once per image, not per token, so it is not counted.
     """
-    files = manifest.get("files") or []
+    files = manifest.files
     per_token_files = [f for f in files if _file_component(f) & {"language", "lm_head"}]
-    stems = {Path(f["path"]).name for f in per_token_files}
-    extra = [f for f in files if f not in per_token_files and any(f["path"].startswith(s) and f["path"] != s
+    stems = {Path(f.path).name for f in per_token_files}
+    extra = [f for f in files if f not in per_token_files and any(f.path.startswith(s) and f.path != s
                                                                   for s in stems)]
-    weights = sum(int(f["bytes"]) for f in per_token_files + extra)
-    text = (manifest.get("model") or {}).get("text") or {}
+    weights = sum(f.bytes for f in per_token_files + extra)
+    text = manifest.model.text if manifest.model else {}
     embed_files = [f for f in files if _file_component(f) == {"embed"}]
     vocab = int(text.get("vocab_size") or 1)
-    embed_row = sum(int(f["bytes"]) for f in embed_files) // max(vocab, 1)
-    kv_elem = kv_bytes_per_element or (2 if manifest.get("format") in ("gguf", "tensorrt") else 4)
+    embed_row = sum(f.bytes for f in embed_files) // max(vocab, 1)
+    kv_elem = kv_bytes_per_element or int((manifest.plan or {}).get("kv_bytes_per_element") or 4)
     kv = 2 * int(text.get("num_layers", 0)) * int(text.get("num_kv_heads", 0)) * int(text.get("head_dim", 0)) \
         * context_tokens * kv_elem
     return {"bytes_per_token": int(weights + embed_row + kv), "weight_bytes": int(weights),
             "embed_row_bytes": int(embed_row), "kv_bytes": int(kv), "kv_bytes_per_element": kv_elem,
-            "context_tokens": context_tokens, "files": sorted(f["path"] for f in per_token_files + extra)}
+            "context_tokens": context_tokens, "files": sorted(f.path for f in per_token_files + extra)}
 
 
-def roofline(artifact_dir: Path, manifest: dict, decode_tok_s: float | None, context_tokens: float, *,
+def roofline(artifact_dir: Path, manifest: "Manifest", decode_tok_s: float | None, context_tokens: float, *,
              on_accelerator: bool = False, bandwidth_gb_s: float | None = None,
              kv_bytes_per_element: int | None = None) -> dict[str, Any]:
     """Decode ceiling = bandwidth / bytes per token, and the fraction the measured decode reached.
@@ -219,7 +223,7 @@ def roofline(artifact_dir: Path, manifest: dict, decode_tok_s: float | None, con
     measured from numpy).
     """
     bpt = bytes_per_token(artifact_dir, manifest, context_tokens, kv_bytes_per_element)
-    spec = (manifest.get("target") or {}).get("memory_bandwidth_gb_s")
+    spec = (manifest.target or {}).get("memory_bandwidth_gb_s")
     if bandwidth_gb_s is not None:
         bw, source = float(bandwidth_gb_s), "given"
     elif on_accelerator:
@@ -249,12 +253,11 @@ def roofline(artifact_dir: Path, manifest: dict, decode_tok_s: float | None, con
     return out
 
 
-def artifact_mb(manifest: dict, artifact_dir: Path | None = None) -> dict[str, float]:
+def artifact_mb(manifest: "Manifest", artifact_dir: Path | None = None) -> dict[str, float]:
     """Deployable size (every file but the cached parent reference) and the reference's size."""
-    files = manifest.get("files") or []
-    if not files and artifact_dir is not None:
-        files = [{"path": p.name, "bytes": p.stat().st_size, "component": "support"}
-                 for p in Path(artifact_dir).iterdir() if p.is_file()]
-    ref = sum(int(f["bytes"]) for f in files if f.get("component") == "reference")
-    total = sum(int(f["bytes"]) for f in files)
+    sizes = [(f.bytes, f.component) for f in manifest.files]
+    if not sizes and artifact_dir is not None:
+        sizes = [(p.stat().st_size, "support") for p in Path(artifact_dir).iterdir() if p.is_file()]
+    ref = sum(b for b, component in sizes if component == "reference")
+    total = sum(b for b, _ in sizes)
     return {"artifact_mb": (total - ref) / 1e6, "reference_mb": ref / 1e6}

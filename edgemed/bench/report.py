@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown", "plots", "pareto_front", "comparison_markdown"]
+__all__ = ["markdown", "plots", "pareto_front", "comparison_markdown", "headline"]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -29,9 +29,19 @@ def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
     return front
 
 
-def _points(reports: Sequence[dict]) -> tuple[list[tuple[str, float, float]], str | None]:
-    from edgemed.bench.runner import headline
+def headline(report: dict) -> tuple[str | None, float | None]:
+    """(label, value) for the accuracy axis of the Pareto plot: the first real suite's headline,
+    else the gate suite's closed accuracy, else top-1 agreement with the parent."""
+    acc = report.get("accuracy") or {}
+    for name in [k for k in acc if k != "edgemed-gate"] + [k for k in acc if k == "edgemed-gate"]:
+        v = acc[name].get("headline")
+        if v is not None:
+            return f"{name} {acc[name].get('headline_metric')}", v
+    t = (report.get("fidelity") or {}).get("top1_agreement")
+    return ("top-1 agreement with parent", t) if t is not None else (None, None)
 
+
+def _points(reports: Sequence[dict]) -> tuple[list[tuple[str, float, float]], str | None]:
     pts, label = [], None
     for r in reports:
         lab, acc = headline(r)

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from edgemed import __version__
+from edgemed._version import __version__
+from edgemed.artifact import Manifest, read_manifest, write_manifest
 from edgemed.bench import meters
 from edgemed.bench.suites import Item, iter_subgroup_keys, load_suite, parse_suite_spec, render_prompt_for, \
     template_sha256
 from edgemed.errors import BadInputError
 
-__all__ = ["run_bench", "run_suite", "LATENCY_PROMPT", "REPORT_SCHEMA_VERSION", "headline"]
+__all__ = ["run_bench", "run_suite", "LATENCY_PROMPT", "REPORT_SCHEMA_VERSION"]
 
 REPORT_SCHEMA_VERSION = 1
 LATENCY_PROMPT = "Describe the findings on this chest radiograph."
@@ -57,7 +58,7 @@ def run_suite(session, suite: str, items: Sequence[Item], *, max_new_tokens: int
               progress: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy answers for every item and the suite's accuracy block; returns (block, predictions)."""
     from edgemed.bench import scoring
-    from edgemed.bench.fidelity import hallucination_probe
+    from edgemed.reference.cache import hallucination_probe
 
     multimodal = _has_image(session)
     preds: list[dict[str, Any]] = []
@@ -106,7 +107,7 @@ def run_suite(session, suite: str, items: Sequence[Item], *, max_new_tokens: int
 
 
 def _macro_f1(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> float:
-    from edgemed.bench.fidelity import closed_label
+    from edgemed.reference.cache import closed_label
     from edgemed.bench.scoring import normalize_answer
 
     g = [normalize_answer(x) for x in golds]
@@ -118,18 +119,6 @@ def _macro_f1(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str])
         fn = sum(1 for a, b in zip(g, p) if a == lab and b != lab)
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return float(np.mean(f1s))
-
-
-def headline(report: dict) -> tuple[str | None, float | None]:
-    """(label, value) for the accuracy axis of the Pareto plot: the first real suite's headline,
-    else the gate suite's closed accuracy, else top-1 agreement with the parent."""
-    acc = report.get("accuracy") or {}
-    for name in [k for k in acc if k != "edgemed-gate"] + [k for k in acc if k == "edgemed-gate"]:
-        v = acc[name].get("headline")
-        if v is not None:
-            return f"{name} {acc[name].get('headline_metric')}", v
-    t = (report.get("fidelity") or {}).get("top1_agreement")
-    return ("top-1 agreement with parent", t) if t is not None else (None, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,13 +141,13 @@ def choose_meter(meter, on_accelerator: bool, rapl_root: str | Path = "/sys/clas
                      f"measures the GPU board (not this workload); {reason}", power_mode=meter.power_mode)
 
 
-def _fidelity_block(session, artifact_dir: Path | None, manifest: dict, is_parent: bool) -> dict[str, Any]:
-    from edgemed.bench.fidelity import REFERENCE_FILE, compare_with_reference
+def _fidelity_block(session, artifact_dir: Path | None, manifest: Manifest, is_parent: bool) -> dict[str, Any]:
+    from edgemed.reference.cache import REFERENCE_FILE, compare_with_reference
 
     empty = {"kld_mean": None, "kld_p99": None, "top1_agreement": None, "answer_flip_rate": None}
     if is_parent:
         return {**empty, "fidelity_unavailable_reason": "this is the parent: fidelity is measured against it"}
-    refs = [f["path"] for f in manifest.get("files") or [] if f.get("component") == "reference"]
+    refs = [f.path for f in manifest.files if f.component == "reference"]
     if artifact_dir is None or not (refs or (artifact_dir / REFERENCE_FILE).exists()):
         return {**empty, "fidelity_unavailable_reason": "the artifact has no cached parent reference "
                 "(made by an older edgemed): re-run compress, or run bench/compare.py beside the parent"}
@@ -169,7 +158,7 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
               runs: int = 10, warmup: int = 2, max_new_tokens: int = 32, suite_max_new_tokens: int = 32,
               limit: int | None = None, split: str | None = None, with_reports: Sequence[str | Path] = (),
               bandwidth_gb_s: float | None = None, energy_min_window_s: float = 1.0,
-              session=None, manifest: dict | None = None,
+              session=None, manifest: Manifest | None = None,
               name: str | None = None, plots: bool = True, record_in_manifest: bool = True,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark one artifact folder (or an already-open ``session`` with its ``manifest``, e.g.
@@ -180,7 +169,7 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
     after ``warmup`` unmeasured ones, each decoding exactly ``max_new_tokens`` tokens greedily.
     """
     from edgemed.bench.energy import auto_meter, energy_summary
-    from edgemed.parity import synthetic_test_image
+    from edgemed.calibration.builtin import synthetic_test_image
 
     say = progress or (lambda m: None)
     if runs < 2:
@@ -193,17 +182,16 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
     rss = meters.PeakRssSampler().start()
     t_load = time.perf_counter()
     if session is None:
-        from edgemed.artifact import read_manifest
         from edgemed.runtime import open_session
 
         if artifact_dir is None:
             raise BadInputError("artifact", "no artifact folder and no session given", "pass ARTIFACT")
         manifest = read_manifest(artifact_dir)
         session = open_session(artifact_dir, manifest)
-    manifest = manifest or {}
+    manifest = manifest or Manifest()
     load_s = time.perf_counter() - t_load
-    is_parent = manifest.get("format") == "pytorch"
-    name = name or (artifact_dir.name if artifact_dir is not None else manifest.get("name", "parent"))
+    is_parent = bool(getattr(session, "is_reference", False))  # the PyTorch parent itself
+    name = name or (artifact_dir.name if artifact_dir is not None else getattr(manifest, "name", None) or "parent")
 
     # latency (and energy over exactly the measured requests)
     image = synthetic_test_image() if _has_image(session) else None
@@ -247,7 +235,7 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
             "ci95": fidelity["closed_acc_ci95"], "headline_metric": "closed_acc", "headline": fidelity["closed_acc"],
             "parent_closed_acc": fidelity.get("parent_closed_acc"),
             "closed_acc_retention": fidelity.get("closed_acc_retention"),
-            "notes": ["built-in synthetic gate suite (edgemed.bench.fidelity.gate_items), not a clinical benchmark"],
+            "notes": ["built-in synthetic gate suite (edgemed.reference.cache.gate_items), not a clinical benchmark"],
         }
 
     # the roofline's 512 MB copy must not count as the artifact's memory: stop sampling first
@@ -269,14 +257,14 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
     else:
         memory["peak_accel_note"] = "NVML per-process use at the end of the bench (NVML keeps no peak)"
 
-    target = manifest.get("target") or {}
+    target = manifest.target or {}
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "edgemed_version": __version__,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "artifact": {"name": name, "path": str(artifact_dir) if artifact_dir else None,
-                     "format": manifest.get("format"), "recipe": (manifest.get("recipe") or {}).get("name"),
-                     "status": manifest.get("status"), "model": (manifest.get("source") or {}).get("model")},
+                     "format": manifest.format, "recipe": manifest.recipe.get("name"),
+                     "status": manifest.status, "model": manifest.source.model if manifest.source else None},
         "target": {"name": target.get("name"), "memory_bandwidth_gb_s": target.get("memory_bandwidth_gb_s"),
                    "memory_gb": target.get("memory_gb")} if target else None,
         "host": meters.host_info(),
@@ -301,8 +289,6 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
 
 def _record_results(artifact_dir: Path, report: dict, output) -> None:
     """manifest.results = the latest bench summary (DESIGN.md). A read-only artifact is fine."""
-    from edgemed.artifact import read_manifest, write_manifest
-
     lat, fid = report["latency"], report["fidelity"]
     summary = {"created_utc": report["created_utc"], "host": report["host"]["cpu"], "report": str(output) if output else None,
                "ttft_ms_p50": lat["ttft_ms"]["p50"], "decode_tok_s": lat["decode_tok_s"],
@@ -311,7 +297,7 @@ def _record_results(artifact_dir: Path, report: dict, output) -> None:
                "accuracy": {k: v.get("headline") for k, v in report["accuracy"].items()}}
     try:
         m = read_manifest(artifact_dir)
-        m["results"] = summary
+        m.results = summary
         write_manifest(artifact_dir, m)
     except OSError as e:
         report.setdefault("notes", []).append(f"manifest.results not updated ({e})")

@@ -1,18 +1,17 @@
 """Load a model (hub id, local folder, or a .gguf file) as a CompositeModel with named parts."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgemed.errors import BadInputError
-from edgemed.models import families as _families  # noqa: F401  (registers the shipped families)
-from edgemed.models.base import FAMILIES, MODEL_TYPES, Adapter, ImageFacts, TextFacts, count_params, text_facts
+from edgemed.models.base import (FAMILIES, Adapter, DecoderFacts, ImageFacts, TextFacts, count_params, decoder_facts,
+                                 family_for, model_types, text_facts)
 
 __all__ = [
     "CompositeModel", "FAMILIES", "ImageFacts", "TextFacts", "load_model", "load_config",
-    "adapter_for", "component_param_counts",
+    "adapter_for", "component_param_counts", "DecoderFacts", "decoder_facts",
 ]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -58,14 +57,15 @@ class CompositeModel:
 
 def adapter_for(config, what: str) -> type[Adapter]:
     mt = getattr(config, "model_type", None)
-    if mt not in MODEL_TYPES:
+    adapter = family_for(mt)
+    if adapter is None:
         raise BadInputError(
             what,
             f"unknown architecture (model_type '{mt}')",
-            f"edgemed supports model_type {', '.join(sorted(MODEL_TYPES))}; convert the model or add an adapter "
-            "in edgemed/models/families.py",
+            f"edgemed supports model_type {', '.join(model_types())}; convert the model or add an adapter "
+            "in edgemed/models/families/",
         )
-    return MODEL_TYPES[mt]
+    return adapter
 
 
 def _split_gguf(source: str) -> tuple[str, str | None]:

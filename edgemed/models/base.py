@@ -1,8 +1,10 @@
 """Composite models: a loaded VLM (or LLM) as named components plus the facts exporters need.
 
 Family knowledge (where the vision tower lives, how image features are computed, how the
-image placeholder expands in a prompt) lives in one adapter per family (`edgemed/models/*.py`),
-found by the Hugging Face `model_type`.
+image placeholder expands in a prompt, what llama.cpp calls its projector, whether it survives
+fp16) lives in one adapter per family (`edgemed/models/families/*.py`), found by the Hugging Face
+`model_type`; what edgemed knows about each text decoder architecture is a DecoderFacts row that
+the family bringing it registers. Nothing outside edgemed/models/ names a model_type.
 """
 from __future__ import annotations
 
@@ -10,14 +12,75 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from edgemed.models.families import FAMILY_MODULES
 from edgemed.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
     from torch import nn
 
-FAMILIES: Registry[type["Adapter"]] = Registry("model family")
-MODEL_TYPES: dict[str, type["Adapter"]] = {}
+FAMILIES: Registry[type["Adapter"]] = Registry("model family", plugins=FAMILY_MODULES)
+_MODEL_TYPES: dict[str, type["Adapter"]] = {}
+_DECODERS: dict[str, "DecoderFacts"] = {}
+
+
+def family_for(model_type: str | None) -> type["Adapter"] | None:
+    """The adapter registered for a Hugging Face model_type, or None."""
+    FAMILIES._load()
+    return _MODEL_TYPES.get(model_type or "")
+
+
+def model_types() -> list[str]:
+    FAMILIES._load()
+    return sorted(_MODEL_TYPES)
+
+
+@dataclass(frozen=True)
+class DecoderFacts:
+    """What edgemed knows about one text decoder architecture (a Hugging Face model_type)."""
+
+    gguf_arch: str | None = None  # gguf.MODEL_ARCH member name; None: no GGUF writer
+    # llama.cpp's RoPE for this arch rotates adjacent pairs, Hugging Face the two halves of a head:
+    # q/k rows are permuted per head when written to GGUF.
+    gguf_permute_qk: bool = False
+    gguf_norm_shift: float = 0.0  # Gemma stores RMSNorm weights as w - 1, llama.cpp wants w
+    builder_arch: str | None = None  # the CausalLM class onnxruntime-genai's builder knows; None: unsupported
+    # Model-stage transforms whose block surgery handles this decoder's layout: blocks
+    # `layers[i].{self_attn, mlp.{gate,up,down}_proj}` with separate gate and up projections.
+    transforms: tuple[str, ...] = ()
+    qkv_bias: bool = False  # q/k/v projections carry a bias though attention_bias is not set (Qwen2)
+
+
+def register_decoder(facts: DecoderFacts, *model_types: str) -> None:
+    for mt in model_types:
+        _DECODERS[mt] = facts
+
+
+def decoder_facts(model_type: str | None) -> DecoderFacts | None:
+    FAMILIES._load()
+    return _DECODERS.get(model_type or "")
+
+
+def decoders_supporting(transform: str) -> list[str]:
+    FAMILIES._load()
+    return sorted(mt for mt, f in _DECODERS.items() if transform in f.transforms)
+
+
+def decoders_with(attr: str) -> list[str]:
+    """The decoder model_types for which DecoderFacts.`attr` is set (e.g. gguf_arch)."""
+    FAMILIES._load()
+    return sorted(mt for mt, f in _DECODERS.items() if getattr(f, attr))
+
+
+@dataclass(frozen=True)
+class MmprojFacts:
+    """How llama.cpp's clip code (mtmd) holds this family's vision tower and projector."""
+
+    projector_type: str  # clip.projector_type: "mlp" (LLaVA), or a gguf.VisionProjectorType value
+    vision_prefixes: tuple[str, ...]  # prefixes that turn the tower's parameter names into names gguf-py maps
+    write_post_ln: bool  # LLaVA's "mlp" graph applies v.post_ln if present, so it must not be written
+    # Strings llama.cpp's own mtmd prompt for this projector needs as single tokens.
+    single_tokens: tuple[str, ...] = ()
 
 
 @dataclass
@@ -67,12 +130,17 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]]
     multimodal: ClassVar[bool] = True
 
+    # What llama.cpp's mtmd calls this family's vision tower and projector (None: no mmproj writer).
+    mmproj: ClassVar[MmprojFacts | None] = None
+    # Why this family's activations leave fp16's range (|x| <= 65504), or None where fp16 is safe.
+    fp16_unsafe: ClassVar[str | None] = None
+
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
         if "family" in cls.__dict__:
             FAMILIES.register(cls.family)(cls)
             for mt in cls.model_types:
-                MODEL_TYPES[mt] = cls
+                _MODEL_TYPES[mt] = cls
 
     # --- loading -----------------------------------------------------------------
     @classmethod
@@ -119,6 +187,15 @@ class Adapter:
     @classmethod
     def image_facts(cls, config, tokenizer, processor) -> ImageFacts | None:
         return None
+
+    @classmethod
+    def parent_inputs(cls, input_ids: "torch.Tensor", pixel_values: "torch.Tensor | None",
+                      image_token_id: int | None) -> dict[str, Any]:
+        """The keyword arguments of the parent's own forward for one prompt [1, T] (and image)."""
+        kw: dict[str, Any] = {"input_ids": input_ids}
+        if pixel_values is not None:
+            kw["pixel_values"] = pixel_values
+        return kw
 
     @classmethod
     def num_image_tokens(cls, config) -> int | None:

@@ -29,7 +29,7 @@ def as_image(image: Any) -> Image.Image:
         img = Image.fromarray(image)
         what = "image array"
     elif isinstance(image, (str, Path)):
-        from edgemed.io import load_medical_image
+        from edgemed.imaging import load_medical_image
 
         return load_medical_image(image)
     else:

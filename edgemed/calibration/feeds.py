@@ -1,0 +1,40 @@
+"""Calibration feeds for exported graphs, computed by the PyTorch parent."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgemed.models import CompositeModel
+
+
+def decoder_feeds(cm: "CompositeModel", source: str | None, count: int) -> list[dict]:
+    """Prefill feeds for the decoder graph from the calibration set `source` (a recipe's `calibration`): each prompt (with its
+    image where the model has a vision tower) embedded by the PyTorch model, an empty past."""
+    import numpy as np
+    import torch
+
+    from edgemed.calibration.samples import calibration_set
+
+    calib = calibration_set(cm, source, "multimodal" if cm.multimodal else "text", count)
+    embed = cm.adapter.embed_tokens(cm.model)
+    t = cm.text
+    feeds = []
+    for prompt, answer, image in calib.samples:
+        with_image = image is not None and cm.multimodal
+        ids = torch.tensor(cm.tokenizer(cm.build_prompt(prompt, with_image) + answer, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            emb = embed(ids[None]).float()
+            image_mask = ids == cm.image.image_token_id if cm.multimodal else torch.zeros_like(ids, dtype=torch.bool)
+            if with_image:
+                from edgemed.runtime.preprocess import preprocess
+
+                pv = torch.from_numpy(preprocess(image, cm.image.to_dict()))
+                emb[0, image_mask] = cm.image_features(pv).reshape(-1, emb.shape[-1])
+        n = len(ids)
+        feed = {"inputs_embeds": emb.numpy(), "attention_mask": np.ones((1, n), np.int64),
+                "position_ids": np.arange(n, dtype=np.int64)[None], "token_type_ids": image_mask.numpy()[None].astype(np.int64)}
+        for i in range(t.num_layers):
+            for kv in ("key", "value"):
+                feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, t.num_kv_heads, 0, t.head_dim), np.float32)
+        feeds.append(feed)
+    return feeds

@@ -1,1 +1,0 @@
-"""Exporters: PyTorch composite model -> target format files (onnx, gguf, tensorrt)."""

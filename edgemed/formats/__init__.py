@@ -1,0 +1,1 @@
+"""Artifact formats as backends (ONNX, GGUF, TensorRT): see edgemed.formats.base."""

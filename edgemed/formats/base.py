@@ -1,0 +1,118 @@
+"""Format backends: each artifact format (ONNX, GGUF, TensorRT) is one package under
+edgemed/formats/ that owns its export and quantization steps, its capabilities as data, the
+planner's size and memory estimate for its layout, and its runtime session.
+
+Nothing outside edgemed/formats/ branches on a format's name: the planner asks the backend the
+recipe exports to (`FORMATS.get(name)`), `edgemed.runtime.load` opens the backend's session.
+Importing a backend package is cheap and torch-free (the runtime imports it on a device).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from edgemed.recipe import PRECISION_BITS
+from edgemed.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
+
+FORMAT_MODULES = ("edgemed.formats.onnx", "edgemed.formats.gguf", "edgemed.formats.tensorrt")
+
+# The fixed part of a process's memory at run time: the runtime library (ONNX Runtime or llama.cpp,
+# and the CUDA/TensorRT context on a GPU), tokenizer, Python and the image pipeline, ~300 MB in RSS.
+RUNTIME_OVERHEAD_FIXED_BYTES = 300_000_000
+GB = 1e9
+
+
+class FormatBackend:
+    """One artifact format. The base class is the layout of a recipe with no export step (plain
+    widths, ONNX Runtime's default int4 blocks); each backend overrides what its files store.
+
+    An instance is bound to one recipe x target x model shape (`shape` carries the facts the
+    estimate needs: decoder_model_type, bidirectional_images) and answers the planner's questions."""
+
+    name: ClassVar[str | None] = None
+    # Precisions the format can store, and per component where that differs.
+    precisions: ClassVar[frozenset[str]] = frozenset(PRECISION_BITS)
+    component_precisions: ClassVar[dict[str, frozenset[str]]] = {}
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("name"):
+            FORMATS.register(cls.name)(cls)
+
+    def __init__(self, recipe, target, shape: Any = None):  # a Recipe and a Target (edgemed.recipe, edgemed.target)
+        self.recipe, self.target, self.shape = recipe, target, shape
+
+    # --- what the artifact stores -------------------------------------------------------------
+    @property
+    def activations(self) -> str:
+        """The graph's float type at run time: fp32 | fp16."""
+        return "fp32"
+
+    def storable(self, component: str) -> frozenset[str]:
+        return self.component_precisions.get(component, self.precisions)
+
+    def int4_layout(self) -> tuple[int, int, int]:
+        """(block size, scale bytes, zero-point bits) per int4 block: ONNX Runtime's MatMulNBits
+        defaults (block 32, fp32 scale, 4-bit zero point)."""
+        return 32, 4, 4
+
+    def int8_per_channel_bytes(self) -> int:
+        """Per output channel: an fp32 scale and an int8 zero point (quantize_dynamic per_channel)."""
+        return 5
+
+    def bits_per_weight(self, precision: str, in_features: int) -> float:
+        """Effective bits per weight, scales and zero points included.
+
+        - int4: 4 + (scale bytes x 8 + zero-point bits) / block size (see int4_layout).
+        - int8 per output channel: 8 + int8_per_channel_bytes x 8 / in_features (the number of
+          output channels is taken as params / in_features, exact for embeddings and lm_head and
+          within a fraction of a percent elsewhere).
+        - fp4 (NVFP4): one fp8 scale per 16 weights: 4.5.
+        - fp32 / fp16 / bf16 / fp8: the plain width (fp8's per-tensor scale is negligible).
+        Norm weights and biases stay in float in every format; they are < 0.2% of a component
+        and are counted at the component's precision."""
+        if precision == "int4":
+            block, scale_bytes, zp_bits = self.int4_layout()
+            return 4 + (scale_bytes * 8 + zp_bits) / block
+        if precision == "int8":
+            return 8 + self.int8_per_channel_bytes() * 8 / max(in_features, 1)
+        if precision == "fp4":
+            return 4.5
+        return PRECISION_BITS[precision]
+
+    def int8_projections(self) -> list[str]:
+        """Language projections kept at int8 in an int4 model (name substrings); none by default."""
+        return []
+
+    def tied_lm_head_stored_once(self) -> bool:
+        """Whether a tied lm_head is stored once, as the embedding table, and read per token."""
+        return False
+
+    # --- run-time memory ------------------------------------------------------------------------
+    def kv_bytes_per_element(self) -> int:
+        return 2 if self.activations == "fp16" else 4
+
+    def kv_copies(self) -> int:
+        """KV caches alive at once during a decode step (2 where past and present are concatenated)."""
+        return 1
+
+    def build_reasons(self, components: dict, usable_bytes: int) -> list[str]:
+        """Why building the artifact on the target would not fit (an engine build), if anything."""
+        return []
+
+    # --- run time ---------------------------------------------------------------------------------
+    @classmethod
+    def open_session(cls, path: "Path", manifest: dict, **kwargs):
+        """A runtime session for an artifact of this format (see edgemed.runtime.session)."""
+        raise NotImplementedError
+
+
+FORMATS: Registry[type[FormatBackend]] = Registry("artifact format", plugins=FORMAT_MODULES)
+
+
+def backend_for(recipe, target, shape: Any = None) -> FormatBackend:
+    """The backend the recipe exports to (the base layout when it has no export step)."""
+    fmt = recipe.format
+    return (FORMATS.get(fmt) if fmt else FormatBackend)(recipe, target, shape)

@@ -1,0 +1,43 @@
+"""GGUF backend: one language-model `*.gguf` and one `mmproj-*.gguf`, as llama.cpp names them,
+quantized by llama.cpp itself and run by llama.cpp (llama-cpp-python).
+
+    steps.py      gguf-export, gguf-quantize
+    writer.py     the streaming GGUF writer (language model); mmproj.py: the clip file;
+                  tokenizer.py: vocabulary and chat template
+    imatrix.py    llama.cpp's importance matrix from calibration passes through the parent
+    session.py    the runtime session
+"""
+from __future__ import annotations
+
+from edgemed.formats.base import FormatBackend
+from edgemed.recipe import PRECISION_BITS
+
+# Generic precision names -> the llama.cpp type that stores them.
+GGUF_TYPE_FOR = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+
+
+def gguf_type_name(precision: str) -> str:
+    """The llama.cpp type name a policy precision means (int8 -> q8_0, fp16 -> f16, q4_k_m as is)."""
+    p = precision.lower()
+    return GGUF_TYPE_FOR.get(p, p)
+
+
+class GgufBackend(FormatBackend):
+    name = "gguf"
+    precisions = frozenset(PRECISION_BITS) - {"fp8", "fp4"}
+
+    def bits_per_weight(self, precision: str, in_features: int) -> float:
+        """The llama.cpp type's own bits (block scales are inside PRECISION_BITS: q8_0 = 8.5)."""
+        return PRECISION_BITS[gguf_type_name(precision)]
+
+    def tied_lm_head_stored_once(self) -> bool:
+        return True  # llama.cpp stores a tied output matrix once, as token_embd
+
+    def kv_bytes_per_element(self) -> int:
+        return 2  # llama.cpp's default cache type is f16
+
+    @classmethod
+    def open_session(cls, path, manifest, **kwargs):
+        from edgemed.formats.gguf.session import GgufSession
+
+        return GgufSession(path, manifest, **kwargs)

@@ -1,0 +1,80 @@
+"""ONNX backend: three graphs (vision encoder + projector, token embeddings, KV-cache decoder) in the
+onnx-community layout, quantized with ONNX Runtime's operators, run by ONNX Runtime.
+
+    steps.py          onnx-export, onnx-quantize (and their typed args)
+    export.py         torch.onnx export of the three graphs; genai_decoder.py: the builder's decoder
+    quantize.py       the component policy compiled to per-node quantizers
+    int4/             int4 algorithms, one registered module each (mse, fmin, gptq, ORT's own)
+    graph.py          graph rewrites the quantizers share
+    session.py        the runtime session
+"""
+from __future__ import annotations
+
+from edgemed.formats.base import FormatBackend
+
+
+class OnnxBackend(FormatBackend):
+    name = "onnx"
+    precisions = frozenset({"fp32", "fp16", "int8", "int4"})
+    # onnx-quantize keeps the embedding table (a Gather, not a MatMul) float or int8 (GatherBlockQuantized).
+    component_precisions = {"embed": frozenset({"fp32", "fp16", "int8"})}
+
+    def _quantize_args(self):
+        return self.recipe.step_args("onnx-quantize")
+
+    @property
+    def activations(self) -> str:
+        """What onnx-quantize will make the graph's float type (see steps.onnx_activations)."""
+        from edgemed.formats.onnx.steps import onnx_activations
+
+        unsafe = getattr(self.shape, "fp16_unsafe", None)
+        return onnx_activations(self._quantize_args().activations, self.target, unsafe)[0]
+
+    def int4_layout(self) -> tuple[int, int, int]:
+        """MatMulNBits: one scale per block of `block_size` weights along K, in the graph's float
+        type (fp32 on a CPU, fp16 on a GPU, where blocks are `fp16_block_size`), plus a 4-bit zero
+        point packed two per uint8 when asymmetric (measured with onnxruntime 1.32: block 32
+        asymmetric fp32 = 5.125 bits/weight, symmetric = 5.0). Algorithms that store a float per
+        block on top of the scale (fmin's block offset, HQQ's float zero point) count it: 6.0 at
+        block 32 in fp32, 4.25 at block 128 in fp16."""
+        from edgemed.formats.onnx.int4 import INT4_ALGORITHMS
+
+        int4 = self._quantize_args().int4
+        fp16 = self.activations == "fp16"
+        block = int4.fp16_block_size if fp16 else int4.block_size
+        float_bytes = 2 if fp16 else 4
+        if INT4_ALGORITHMS.get(int4.algorithm).float_offset:
+            return block, float_bytes, float_bytes * 8
+        return block, float_bytes, 0 if int4.symmetric else 4
+
+    def bits_per_weight(self, precision: str, in_features: int) -> float:
+        """int4 blocks are fitted to K as the quantizer fits them (fit_block); int8 is weight-only
+        MatMulNBits by default: 8 + 32 / block (an fp32 scale per block; fp16 where activations
+        are fp16: 8 + 16 / block), or per channel with quantize_dynamic (`int8.method: dynamic`)."""
+        from edgemed.formats.onnx.graph import fit_block
+
+        if precision == "int4" and in_features > 0:
+            block, scale_bytes, zp_bits = self.int4_layout()
+            return 4 + (scale_bytes * 8 + zp_bits) / fit_block(in_features, block)
+        int8 = self._quantize_args().int8
+        if precision == "int8" and int8.method == "nbits":
+            return 8 + (16 if self.activations == "fp16" else 32) / int8.block_size
+        return super().bits_per_weight(precision, in_features)
+
+    def int8_projections(self) -> list[str]:
+        """The CPU layout keeps these language projections at int8 in an int4 model."""
+        if self.activations != "fp32":
+            return []
+        return list(self._quantize_args().int4.int8_projections)
+
+    def kv_copies(self) -> int:
+        """A torch.onnx decoder takes past_key_values and returns present = concat(past, new): both
+        are in memory while it runs. The builder's GroupQueryAttention updates one cache in place."""
+        decoder = self.recipe.step_args("onnx-export").decoder
+        return 1 if getattr(self.shape, "builder_decoder", False) and decoder != "torch" else 2
+
+    @classmethod
+    def open_session(cls, path, manifest, **kwargs):
+        from edgemed.formats.onnx.session import OnnxSession
+
+        return OnnxSession(path, manifest, **kwargs)

@@ -1,0 +1,99 @@
+"""ONNX export and quantization steps (onnx-export, onnx-quantize) and their typed arguments.
+
+The quantizers themselves are in edgemed.formats.onnx.quantize and edgemed.formats.onnx.int4.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edgemed.errors import BadInputError
+from edgemed.formats.onnx.args import OnnxExportArgs, OnnxQuantizeArgs
+from edgemed.formats.onnx.graph import GRAPHS, graph_component
+from edgemed.formats.onnx.int4 import INT4_ALGORITHMS
+from edgemed.steps import Step
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgemed.context import Context
+
+
+class OnnxExport(Step):
+    name = "onnx-export"
+    stage = "export"
+    formats = ("onnx",)
+    summary = "vision encoder + projector, token embeddings and a KV-cache decoder as three ONNX graphs"
+    Args = OnnxExportArgs
+
+    def run(self, ctx: "Context") -> None:
+        from edgemed.formats.onnx.genai_decoder import builder_unsupported_reason
+        from edgemed.formats.onnx.export import export_onnx
+
+        builder = self.args.decoder
+        if builder != "torch":
+            reason = builder_unsupported_reason(ctx.cm)
+            if reason is not None and builder == "genai":
+                raise BadInputError(f"recipe {ctx.recipe.name}: onnx-export decoder=genai", reason,
+                                    "use decoder: auto or torch")
+            if reason is not None:
+                ctx.notes.append(f"decoder exported with torch.onnx: {reason}")
+                builder = "torch"
+        names, used, decoder_note = export_onnx(ctx.cm, ctx.work_dir, opset=self.args.opset,
+                                                progress=ctx.progress, decoder_builder=builder)
+        ctx.notes.append(decoder_note)
+        ctx.runtime["decoder_builder"] = used
+        # The builder's GroupQueryAttention reads past and writes present in one shared buffer.
+        ctx.runtime["kv_cache"] = "shared_buffer" if used == "genai" else "concat"
+        for name in names:
+            ctx.describe(name, component=graph_component(name), fmt="onnx", precision="fp32")
+
+
+def onnx_activations(choice: str, target, fp16_unsafe: str | None) -> tuple[str, str | None]:
+    """(fp32 | fp16, why) for an ONNX artifact on `target` (a Target or None) of a family whose
+    activations leave fp16's range for the reason `fp16_unsafe` (None: fp16 is safe there; an fp16
+    graph of an unsafe family would compute inf/NaN)."""
+    if choice != "auto":
+        return choice, None
+    acc = getattr(target, "accelerator", None)
+    if acc is None or acc.kind != "gpu" or "fp16" not in target.precisions:
+        return "fp32", None
+    if fp16_unsafe:
+        return "fp32", f"activations stay fp32 on {target.name}: {fp16_unsafe}"
+    return "fp16", f"activations, float weights and the KV cache are fp16 on {target.name} (a GPU)"
+
+
+class OnnxQuantize(Step):
+    name = "onnx-quantize"
+    stage = "artifact"
+    formats = ("onnx",)
+    summary = "ONNX Runtime quantizers per the component policy (int8 dynamic, int4 MatMulNBits, fp16)"
+    Args = OnnxQuantizeArgs
+
+    def run(self, ctx: "Context") -> None:
+        from edgemed.formats.onnx.quantize import quantize_graph
+
+        policy = ctx.recipe.policy
+        if policy.embed not in ("fp32", "fp16", "int8"):
+            raise BadInputError(f"recipe {ctx.recipe.name}: policy.embed", f"'{policy.embed}' is not supported for ONNX",
+                                "use fp32, fp16 or int8 for embed")
+        activations, why = onnx_activations(self.args.activations, ctx.target, ctx.cm.adapter.fp16_unsafe)
+        ctx.runtime["activations"] = activations
+        if activations == "fp16":
+            why = (why or "activations, float weights and the KV cache are fp16 (the recipe says so)") + \
+                f"; int4 in blocks of up to {self.args.int4.fp16_block_size} with fp16 scales"
+        if why:
+            ctx.notes.append(why)
+        if activations == "fp32" and self.args.int4.int8_projections and "int4" in policy.model_dump().values():
+            ctx.notes.append("int4 language model with its " + ", ".join(self.args.int4.int8_projections)
+                             + " projections (where present) at int8")
+        for graph in GRAPHS:
+            path = ctx.work_dir / graph
+            if not path.exists():
+                continue
+            ctx.progress(f"quantize {graph}")
+            feeds = None
+            if graph == "decoder_model_merged.onnx" and INT4_ALGORITHMS.get(self.args.int4.algorithm).calibrated:
+                from edgemed.calibration.feeds import decoder_feeds
+
+                feeds = lambda: decoder_feeds(ctx.cm, ctx.recipe.calibration, self.args.int4.calibration_samples)  # noqa: E731
+            precisions = quantize_graph(path, policy, self.args, feeds, activations)
+            ctx.describe(graph, component=graph_component(graph), fmt="onnx",
+                         precision="+".join(sorted(set(precisions.values()))) or "fp32")

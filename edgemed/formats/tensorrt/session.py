@@ -1,0 +1,239 @@
+"""TensorRT sessions over the engines `edgemed build-engine` wrote, with OnnxSession's interface.
+
+The engines replace the three ONNX Runtime sessions one for one (vision encoder, embeddings,
+decoder with a KV cache in the torch.onnx `concat` layout); preprocessing, prompts, image-token
+splicing and greedy decoding are OnnxSession's own code, so a TensorRT artifact answers exactly as
+its ONNX twin would. Buffers live in device memory allocated through cuda-python (no torch); the
+KV cache round-trips through host memory between calls, which is simple and correct but not the
+fastest way to decode (a device-resident cache is the next step).
+
+Without engines, or without tensorrt, `open_tensorrt` returns an ONNX Runtime session over the
+artifact's Q/DQ ONNX graphs: the layout is the same, so the host checks parity on what the
+device will build from.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgemed.errors import BadInputError, MissingDependencyError
+from edgemed.formats.onnx.session import ConcatKV, OnnxSession
+
+if TYPE_CHECKING:  # pragma: no cover
+    from edgemed.artifact import Manifest
+
+ENGINE_GRAPHS = ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx")
+
+
+def engines_built(path: Path, manifest: "Manifest") -> dict[str, Path] | None:
+    """{graph: engine path} when build-engine recorded engines and every file is present."""
+    trt_rec = manifest.runtime.get("trt") or {}
+    engines = trt_rec.get("engines")
+    if not engines:
+        return None
+    out = {g: path / rel for g, rel in engines.items()}
+    return out if all(p.is_file() for p in out.values()) else None
+
+
+def tensorrt_available() -> str | None:
+    """None if tensorrt and cuda-python import, else the reason."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "the 'tensorrt' package is not installed (it comes with JetPack, or NVIDIA's pip index on x86)"
+    try:
+        load_cudart()
+    except ImportError:
+        return "the 'cuda-python' package is not installed (pip install cuda-python)"
+    return None
+
+
+def open_tensorrt(path: Path, manifest: "Manifest", backend: str = "auto", **kwargs):
+    """backend 'auto': engines if built here and tensorrt imports, else the Q/DQ ONNX on ONNX
+    Runtime; 'tensorrt' insists on engines; 'onnxruntime' always runs the Q/DQ ONNX."""
+    engines = engines_built(path, manifest)
+    if backend == "onnxruntime" or (backend == "auto" and (engines is None or tensorrt_available())):
+        return QdqOnnxSession(path, manifest, engines_present=engines is not None, **kwargs)
+    if engines is None:
+        raise BadInputError(str(path), "no TensorRT engines have been built for this artifact",
+                            f"run `edgemed build-engine {path}` on the device")
+    reason = tensorrt_available()
+    if reason:
+        raise MissingDependencyError(f"{path}: TensorRT session ({reason})", "tensorrt", extra="tensorrt")
+    return TrtSession(path, manifest, engines, **kwargs)
+
+
+class QdqOnnxSession(OnnxSession):
+    """The TensorRT artifact's Q/DQ ONNX graphs on ONNX Runtime (CPU unless providers say otherwise)."""
+
+    backend = "onnxruntime (Q/DQ ONNX)"
+
+    def __init__(self, path: Path, manifest: "Manifest", engines_present: bool = False, **kwargs):
+        # ONNX Runtime 1.32's QDQPropagationTransformer copies Q nodes across Reshape with an
+        # opset-21 output_dtype that contradicts their zero point and the session fails to load;
+        # the graph is valid without it (the propagation is only a CPU speed-up).
+        kwargs.setdefault("disabled_optimizers", ["QDQPropagationTransformer"])
+        super().__init__(path, manifest, **kwargs)
+        self._engines_present = engines_present
+
+    def parity_record(self) -> dict[str, Any]:
+        why = ("engines exist but tensorrt is not importable here" if self._engines_present
+               else "TensorRT engines are built on the device by `edgemed build-engine`")
+        return {"runtime_backend": f"onnxruntime on the Q/DQ ONNX graphs ({why})"}
+
+
+# --- CUDA and TensorRT plumbing --------------------------------------------------------------------
+
+def load_cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        from cuda import cudart  # older cuda-python
+    return cudart
+
+
+def cuda_check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else (rest or None)
+
+
+class _DeviceBuffer:
+    """A device allocation that grows to the largest tensor seen (shapes change every call)."""
+
+    def __init__(self, cudart):
+        self.cudart, self.ptr, self.nbytes = cudart, 0, 0
+
+    def ensure(self, nbytes: int) -> int:
+        nbytes = max(nbytes, 1)  # TensorRT wants a valid address even for empty tensors (past at 0)
+        if nbytes > self.nbytes:
+            if self.ptr:
+                cuda_check(self.cudart.cudaFree(self.ptr))
+            self.ptr = int(cuda_check(self.cudart.cudaMalloc(nbytes)))
+            self.nbytes = nbytes
+        return self.ptr
+
+    def free(self) -> None:
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+            self.ptr, self.nbytes = 0, 0
+
+
+class TrtEngineRunner:
+    """One deserialized engine with `run(None, feeds) -> [outputs]`, ONNX Runtime's calling shape,
+    so OnnxSession's encode_image and input_embeds work unchanged."""
+
+    def __init__(self, trt, runtime, engine_path: Path, profile_names: list[str], cudart, stream):
+        self.trt, self.cudart, self.stream = trt, cudart, stream
+        self.engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise BadInputError(str(engine_path), "TensorRT could not deserialize this engine (built with another "
+                                "TensorRT version or for another GPU?)", "run `edgemed build-engine --force` here")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.buffers = {n: _DeviceBuffer(cudart) for n in names}
+        self.profile_names = profile_names
+        self.profile = 0
+
+    def select_profile(self, name: str) -> None:
+        idx = self.profile_names.index(name) if name in self.profile_names else 0
+        if idx != self.profile:
+            self.context.set_optimization_profile_async(idx, self.stream)
+            self.profile = idx
+
+    def run(self, _output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cudart = self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        keep = []
+        for name in self.inputs:
+            arr = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+            keep.append(arr)
+            ptr = self.buffers[name].ensure(arr.nbytes)
+            if arr.nbytes:
+                cuda_check(cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream))
+            self.context.set_input_shape(name, tuple(arr.shape))
+            self.context.set_tensor_address(name, ptr)
+        outs = []
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out = np.empty(shape, self.dtypes[name])
+            self.context.set_tensor_address(name, self.buffers[name].ensure(out.nbytes))
+            outs.append(out)
+        if not self.context.execute_async_v3(self.stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        for name, out in zip(self.outputs, outs):
+            if out.nbytes:
+                cuda_check(cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name].ptr, out.nbytes, d2h, self.stream))
+        cuda_check(cudart.cudaStreamSynchronize(self.stream))
+        return outs
+
+    def close(self) -> None:
+        for b in self.buffers.values():
+            b.free()
+
+
+class TrtSession(OnnxSession):
+    """OnnxSession's interface (generate, logits, prompt_ids, pixel_values, encode_image) on
+    TensorRT engines."""
+
+    backend = "tensorrt"
+
+    def __init__(self, path: Path, manifest: "Manifest", engines: dict[str, Path], **_ignored):
+        import tensorrt as trt
+        from tokenizers import Tokenizer
+
+        self.path, self.manifest = path, manifest
+        self.text = manifest.model.text
+        self.image = manifest.model.image
+        self.chat_template = manifest.model.chat_template
+        self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self._cudart = load_cudart()
+        self._stream = cuda_check(self._cudart.cudaStreamCreate())
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        graphs = manifest.runtime["trt"]["graphs"]
+
+        def runner(graph):
+            profiles = [p["name"] for p in graphs[graph]["profiles"]]
+            return TrtEngineRunner(trt, runtime, engines[graph], profiles, self._cudart, self._stream)
+
+        self.decoder = runner("decoder_model_merged.onnx")
+        self.embed = runner("embed_tokens.onnx")
+        self.vision = runner("vision_encoder.onnx") if "vision_encoder.onnx" in engines else None
+        self._kv_dtype = self.decoder.dtypes["past_key_values.0.key"]
+        self._emb_dtype = self.decoder.dtypes["inputs_embeds"]
+        self._has_position_ids = "position_ids" in self.decoder.inputs
+        self._has_token_type_ids = "token_type_ids" in self.decoder.inputs
+        self._shared_kv = False
+        self.n_layers = self.text["num_layers"]
+        self.eos = set(self.text.get("eos_token_ids") or [])
+
+    def forward(self, embeds: np.ndarray, past: ConcatKV, ids: np.ndarray | None = None):
+        seq = embeds.shape[1]
+        total = past.length + seq
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64), **past.arrays}
+        if self._has_position_ids:
+            feeds["position_ids"] = np.arange(past.length, total, dtype=np.int64)[None]
+        if self._has_token_type_ids:
+            tti = np.zeros((1, seq), np.int64)
+            if ids is not None and self.image is not None:
+                tti[0] = ids == self.image["image_token_id"]
+            feeds["token_type_ids"] = tti
+        self.decoder.select_profile("decode" if seq == 1 and past.length > 0 else "prefill")
+        outs = dict(zip(self.decoder.outputs, self.decoder.run(None, feeds)))
+        present = {name: outs[name.replace("past_key_values", "present")] for name in past.arrays}
+        return outs["logits"][0], ConcatKV(present)
+
+    def close(self) -> None:
+        for r in (self.decoder, self.embed, self.vision):
+            if r is not None:
+                r.close()
+
+    def parity_record(self) -> dict[str, Any]:
+        return {"runtime_backend": "tensorrt engines"}

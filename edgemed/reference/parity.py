@@ -1,0 +1,137 @@
+"""Parity: every exported artifact against its PyTorch parent, on the same pixels and tokens, at
+every position (a first-token-only check misses real bugs). Numbers go into the manifest."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgemed.calibration.builtin import PARITY_PROMPTS, synthetic_test_image
+from edgemed.models import CompositeModel
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def compare_logits(parent: np.ndarray, child: np.ndarray) -> dict[str, float]:
+    """KLD(parent || child) per position, top-1 agreement and max |diff| over all positions."""
+    lp, lc = log_softmax(parent), log_softmax(child)
+    kld = (np.exp(lp) * (lp - lc)).sum(-1)
+    return {
+        "positions": int(parent.shape[0]),
+        "logits_max_abs_diff": float(np.abs(parent - child).max()),
+        "kld_mean": float(kld.mean()),
+        "kld_p99": float(np.percentile(kld, 99)),
+        "kld_max": float(kld.max()),
+        "top1_agreement": float((parent.argmax(-1) == child.argmax(-1)).mean()),
+    }
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def parent_inputs(cm: CompositeModel, ids: np.ndarray, pixel_values: np.ndarray | None) -> dict[str, Any]:
+    """The keyword arguments of the parent's own forward for one prompt (and image)."""
+    import torch
+
+    pv = torch.from_numpy(pixel_values) if pixel_values is not None else None
+    return cm.adapter.parent_inputs(torch.from_numpy(ids)[None], pv, cm.image.image_token_id if cm.image else None)
+
+
+def parent_logits(cm: CompositeModel, ids: np.ndarray, pixel_values: np.ndarray | None) -> np.ndarray:
+    """The parent's own forward pass through transformers (not edgemed's decomposition)."""
+    import torch
+
+    with torch.no_grad():
+        return cm.model(**parent_inputs(cm, ids, pixel_values)).logits[0].float().numpy()
+
+
+def parent_image_features(cm: CompositeModel, pixel_values: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return cm.image_features(torch.from_numpy(pixel_values)).float().numpy()
+
+
+def run_calibration(cm, calib) -> int:
+    """Forward every calibration sample (prompt + answer, image for a VLM) through the parent."""
+    from edgemed.runtime.preprocess import preprocess
+
+    tokens = 0
+    for prompt, answer, image in calib.samples:
+        text = cm.build_prompt(prompt, image is not None) + answer
+        ids = np.asarray(cm.tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+        pv = preprocess(image, cm.image.to_dict()) if image is not None else None
+        parent_logits(cm, ids, pv)
+        tokens += len(ids)
+    return tokens
+
+
+def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS) -> dict[str, Any]:
+    """Compare an artifact session (edgemed.runtime) with its parent on every prompt and position,
+    through the prefill path and through the KV-cache decode path."""
+    result: dict[str, Any] = {"prompts": len(prompts)}
+    pv = None
+    if cm.multimodal:
+        pv = session.pixel_values(synthetic_test_image())
+        ref_feats, got_feats = parent_image_features(cm, pv), session.encode_image(pv)
+        cos = cosine_rows(ref_feats, got_feats)
+        result["vision_cosine_min"] = float(cos.min())
+        result["vision_cosine_mean"] = float(cos.mean())
+        result["vision_max_abs_diff"] = float(np.abs(ref_feats - got_feats).max())
+    prefill, decode, greedy = [], [], []
+    for i, prompt in enumerate(prompts):
+        with_image = pv is not None and i % 2 == 0
+        ids = session.prompt_ids(prompt, with_image)
+        ref = parent_logits(cm, ids, pv if with_image else None)
+        got = session.logits(ids, pv if with_image else None)
+        got_dec = session.logits(ids, pv if with_image else None, decode_from=max(1, len(ids) // 2))
+        prefill.append((ref, got))
+        decode.append((ref, got_dec))
+        greedy.append(float((ref.argmax(-1) == got_dec.argmax(-1)).all()))
+    cat = lambda pairs, k: np.concatenate([p[k] for p in pairs])  # noqa: E731
+    result["prefill"] = compare_logits(cat(prefill, 0), cat(prefill, 1))
+    result["decode"] = compare_logits(cat(decode, 0), cat(decode, 1))
+    result["greedy_sequences_identical"] = float(np.mean(greedy))
+    # Headline numbers (the worse of the two paths), named as report.json names fidelity.
+    for k in ("kld_mean", "kld_p99", "logits_max_abs_diff"):
+        result[k] = max(result["prefill"][k], result["decode"][k])
+    result["top1_agreement"] = min(result["prefill"]["top1_agreement"], result["decode"]["top1_agreement"])
+    # Facts a runtime states about its own path (e.g. a known upstream bug), next to the numbers.
+    if hasattr(session, "parity_record"):
+        result.update(session.parity_record())
+    return result
+
+
+GATE_METRICS = {
+    "max_kld_mean": ("kld_mean", "<="),
+    "max_kld_p99": ("kld_p99", "<="),
+    "min_top1_agreement": ("top1_agreement", ">="),
+    "max_logits_abs_diff": ("logits_max_abs_diff", "<="),
+    # Measured on the gate suite by edgemed.reference.cache.compare_with_reference (compress runs it).
+    "max_flip_rate": ("answer_flip_rate", "<="),
+    "min_closed_acc_retention": ("closed_acc_retention", ">="),
+}
+
+
+def evaluate_gates(gates: dict[str, float], metrics: dict[str, Any],
+                   reasons: dict[str, str] | None = None) -> list[str]:
+    """Failures as readable strings; gates whose metric was not measured fail too (never pass
+    silently). ``reasons`` maps a metric name to why it could not be measured."""
+    failures = []
+    for gate, threshold in gates.items():
+        key, op = GATE_METRICS.get(gate, (None, None))
+        value = metrics.get(key) if key else None
+        if value is None:
+            why = (reasons or {}).get(key) if key else None
+            failures.append(f"{gate}: metric not measured for this artifact" + (f" ({why})" if why else ""))
+        elif not np.isfinite(value):  # NaN compares False both ways: it must fail, not pass
+            failures.append(f"{gate}: {key} is {value} (the artifact computes non-finite logits)")
+        elif (op == "<=" and value > threshold) or (op == ">=" and value < threshold):
+            failures.append(f"{gate}: {key} = {value:.4g} (threshold {op} {threshold})")
+    return failures

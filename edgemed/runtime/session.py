@@ -1,0 +1,103 @@
+"""What every runtime session is (ONNX Runtime, llama.cpp, TensorRT, and the PyTorch parent behind
+the same calls) and the one generation loop they share.
+
+A session implements the building blocks parity and the bench use (prompt_ids, pixel_values,
+encode_image, logits) and three hooks of the loop below: `_image_input` (what its encoder takes),
+`_prefill` and `_step`. Times count from the call, preprocessing and vision encoding included
+(TTFT as MLPerf defines it).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    # Seconds since the request started (preprocessing included), per output token.
+    token_times_s: list[float] = field(default_factory=list)
+    preprocess_s: float = 0.0
+    vision_encode_s: float = 0.0
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return self.token_times_s[0] * 1e3 if self.token_times_s else None
+
+    @property
+    def tpot_ms(self) -> float | None:
+        t = self.token_times_s
+        return (t[-1] - t[0]) / (len(t) - 1) * 1e3 if len(t) > 1 else None
+
+
+class Session(Protocol):
+    """The calls every session offers."""
+
+    def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray: ...
+
+    def pixel_values(self, image) -> np.ndarray: ...
+
+    def encode_image(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+    def logits(self, ids: np.ndarray, pixel_values: np.ndarray | None = None,
+               decode_from: int | None = None) -> np.ndarray: ...
+
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64,
+                 stop_at_eos: bool = True) -> GenerationResult: ...
+
+
+class GreedyGeneration:
+    """generate() for a session with `eos` (a set of ids), a tokenizer whose decode takes
+    skip_special_tokens, `prompt_ids`, and the three hooks."""
+
+    eos: set[int]
+    tokenizer: Any
+
+    def _image_input(self, image):
+        """What the vision encoder takes for one image (timed as preprocessing)."""
+        return self.pixel_values(image)
+
+    def _encode(self, image_input):
+        """Image features for the prompt's image tokens (timed as vision encoding)."""
+        return self.encode_image(image_input)
+
+    def _prefill(self, ids: np.ndarray, image_features, max_new_tokens: int) -> np.ndarray:
+        """Run the prompt; keep the cache for _step; return the last position's logits."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _step(self, token: int) -> np.ndarray:
+        """Feed one token after the cache; return its logits."""
+        raise NotImplementedError  # pragma: no cover
+
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64,
+                 stop_at_eos: bool = True) -> GenerationResult:
+        """Greedy decoding. Times count from the call (preprocessing and vision encoding included)."""
+        t0 = time.perf_counter()
+        feats = None
+        pre_s = vis_s = 0.0
+        if image is not None:
+            image_input = self._image_input(image)
+            t1 = time.perf_counter()
+            pre_s = t1 - t0
+            feats = self._encode(image_input)
+            vis_s = time.perf_counter() - t1
+        ids = self.prompt_ids(prompt, image is not None)
+        logits = self._prefill(ids, feats, max_new_tokens)
+        out: list[int] = []
+        times: list[float] = []
+        nxt = int(np.argmax(logits))
+        for _ in range(max_new_tokens):
+            out.append(nxt)
+            times.append(time.perf_counter() - t0)
+            if (stop_at_eos and nxt in self.eos) or len(out) == max_new_tokens:
+                break
+            nxt = int(np.argmax(self._step(nxt)))
+        text_ids = [t for t in out if t not in self.eos]
+        return GenerationResult(text=self.tokenizer.decode(text_ids, skip_special_tokens=True), token_ids=out,
+                                prompt_tokens=len(ids), token_times_s=times, preprocess_s=pre_s,
+                                vision_encode_s=vis_s)

@@ -1,0 +1,56 @@
+"""Step registry: every transformation a recipe can name (prune, distill, export, quantize).
+
+Adding an algorithm is adding one module with one subclass (and its module name in STEP_MODULES);
+the recipe loader, the planner and `edgemed recipes` ask this registry, never an if-chain.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from edgemed.registry import Registry
+
+# Where the shipped steps live: each format backend's steps, then the model-stage transforms.
+STEP_MODULES = (
+    "edgemed.formats.onnx.steps",
+    "edgemed.formats.gguf.steps",
+    "edgemed.formats.tensorrt.steps",
+    "edgemed.transforms.prune",
+    "edgemed.transforms.sparsity",
+    "edgemed.transforms.moe",
+    "edgemed.transforms.distill",
+)
+
+
+class StepArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Step:
+    """A registered recipe step.
+
+    stage 'model': transforms the loaded PyTorch model in place (pruning, MoE distillation).
+    stage 'export': writes the target format's files from the model.
+    stage 'artifact': rewrites the exported files (post-export quantization).
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[Literal["model", "export", "artifact"]]
+    formats: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+    Args: ClassVar[type[StepArgs]] = StepArgs
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "name" in cls.__dict__:
+            STEPS.register(cls.name)(cls)
+
+    def __init__(self, args: StepArgs):
+        self.args = args
+
+    def run(self, ctx) -> None:  # ctx: edgemed.context.Context  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+STEPS: Registry[type[Step]] = Registry("recipe step", plugins=STEP_MODULES)
