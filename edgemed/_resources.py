@@ -1,6 +1,8 @@
-"""Where the shipped recipes/ and targets/ folders are: the source checkout, or a wheel's share/."""
+"""Where edgemed's files are: the shipped recipes/ and targets/ folders (the source checkout, or a
+wheel's share/), and the cache folder models, calibration sets and checkpoints are built in."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -17,3 +19,8 @@ def shipped_dir(kind: str) -> Path:
 
 def shipped_names(kind: str) -> list[str]:
     return sorted(p.stem for p in shipped_dir(kind).glob("*.yaml"))
+
+
+def cache_dir() -> Path:
+    """edgemed's cache: $EDGEMED_HOME, else ~/.cache/edgemed."""
+    return Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))

@@ -95,7 +95,7 @@ def plan(
     from edgemed.pipeline import resolve
     from edgemed.plan import check_feasible, plan as make_plan
 
-    r, tgt = resolve(recipe or ["int8"], target)
+    r, tgt = resolve(recipe or None, target)
     p = make_plan(resolve_model(model), r, tgt, context_tokens=context)
     if json_out:
         console.print_json(json.dumps(p.to_dict()))

@@ -204,14 +204,14 @@ def test_pruned_q8_0_gguf_runs_in_llama_cpp(recipe, llama8, tmp_path):
 
     out = tmp_path / "gguf"
     m = compress(str(llama8), [recipe, "q8_0"], TARGET, out).manifest
-    assert m["parity"]["kld_mean"] < 1e-2
+    assert m.parity["kld_mean"] < 1e-2
     reader = gguf.GGUFReader(str(next(out.glob("*.gguf"))))
     fields = {k: int(reader.fields[k].parts[-1][0]) for k in ("llama.block_count", "llama.feed_forward_length")}
-    after = m["runtime"]["pruning"][recipe.rsplit("-", 1)[0]]["params_after"]
+    after = m.runtime["pruning"][recipe.rsplit("-", 1)[0]]["params_after"]
     assert fields == {"llama.block_count": after["num_layers"], "llama.feed_forward_length": after["intermediate_size"]}
     blocks = sum(int(t.n_elements) for t in reader.tensors if t.name.startswith("blk."))
     assert blocks == after["blocks"]
-    assert 0.70 <= blocks / m["runtime"]["pruning"][recipe.rsplit("-", 1)[0]]["params_before"]["blocks"] <= 0.80
+    assert 0.70 <= blocks / m.runtime["pruning"][recipe.rsplit("-", 1)[0]]["params_before"]["blocks"] <= 0.80
     res = load(out).generate(None, "Is there a pleural effusion?", max_new_tokens=4, stop_at_eos=False)
     assert len(res.token_ids) == 4
 
@@ -224,11 +224,11 @@ def test_llava_language_model_pruned_with_image_calibration(tmp_path):
 
     src = build_tiny("llava-siglip", tmp_path / "llava8", num_hidden_layers=8, intermediate_size=512)
     m = compress(str(src), ["prune-depth-25", "int8"], TARGET, tmp_path / "out").manifest
-    rec = m["runtime"]["pruning"]["prune-depth"]
+    rec = m.runtime["pruning"]["prune-depth"]
     assert rec["calibration"]["modalities"] == "multimodal"
     assert rec["params_after"]["num_layers"] == 6 and rec["block_params_ratio"] == pytest.approx(0.75)
-    assert m["parity"]["kld_mean"] < 1e-2 and m["parity"]["vision_cosine_min"] > 0.99
-    assert m["model"]["text"]["num_layers"] == 6
+    assert m.parity["kld_mean"] < 1e-2 and m.parity["vision_cosine_min"] > 0.99
+    assert m.model.text["num_layers"] == 6
 
 
 # --- unstructured and 2:4 sparsity ------------------------------------------------------------------
@@ -273,11 +273,11 @@ def test_prune_2of4_q8_0_keeps_the_pattern_through_distillation_and_quantization
 
     r = compress(str(llama8), ["prune-2of4", "q8_0"], TARGET, tmp_path / "q8")
     m = r.manifest
-    assert m["status"] == "ok" and m["parity"]["kld_mean"] < 1e-2
-    sp = m["runtime"]["sparsity"]
+    assert m.status == "ok" and m.parity["kld_mean"] < 1e-2
+    sp = m.runtime["sparsity"]
     assert sp["pattern"] == "2:4" and abs(sp["zero_fraction"] - 0.5) < 1e-9
     assert "does not change" in sp["speedup_note"]
-    assert m["runtime"]["distill"]["sparsity_kept"]
+    assert m.runtime["distill"]["sparsity_kept"]
     reader = gguf.GGUFReader(str(r.output / "model-q8_0.gguf"))
     t = next(t for t in reader.tensors if t.name == "blk.3.ffn_up.weight")
     w = dequantize(t.data, t.tensor_type).reshape(-1, 4)
@@ -294,7 +294,7 @@ def test_prune_width_with_heads_exports_and_matches(llama8, tmp_path, fmt):
                  "      head_fraction: 0.5\n")
     res = compress(str(llama8), [str(r), fmt], TARGET, tmp_path / fmt)
     m = res.manifest
-    rec = m["runtime"]["pruning"]["prune-width"]
+    rec = m.runtime["pruning"]["prune-width"]
     assert rec["num_key_value_heads"] == 1 and rec["num_attention_heads"] == 2  # 2 -> 1 KV group
-    assert m["model"]["text"]["num_kv_heads"] == 1
-    assert m["status"] == "ok" and m["parity"]["kld_mean"] < 1e-2
+    assert m.model.text["num_kv_heads"] == 1
+    assert m.status == "ok" and m.parity["kld_mean"] < 1e-2

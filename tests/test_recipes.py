@@ -78,3 +78,17 @@ def test_compose_keeps_one_export_and_moves_it_after_model_steps():
     c = compose([a, a])
     assert [s.step for s in c.steps] == ["onnx-export", "onnx-quantize", "onnx-quantize"]
     assert c.format == "onnx"
+
+
+def test_compress_api_takes_recipe_objects_names_and_defaults():
+    from pathlib import Path
+
+    from edgemed.pipeline import DEFAULT_RECIPE, default_output, resolve
+
+    recipe, target = resolve(None, None)  # what `edgemed compress` with no --recipe/--target runs
+    assert recipe.name == DEFAULT_RECIPE and target.name
+    composed, _ = resolve([load_recipe("prune-width-25"), "q8_0"], target)
+    assert composed.name == "prune-width-25+q8_0" and composed.format == "gguf"
+    own = load_recipe("int4").model_copy(update={"name": "my-int4"})
+    assert resolve(own, "cpu-x86-avx2")[0] is own
+    assert default_output(None, recipe) == Path("edgemed-out") / "edgemed-demo-cxr-int8"

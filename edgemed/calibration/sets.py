@@ -162,7 +162,7 @@ def _synthetic_candidates(tmp: Path, count: int, seed: int) -> list[_Candidate]:
     """The first `count` images of the synthetic-cxr calib split, each with one of its questions
     rendered with the suite's pinned prompt template (what the model is asked at bench time)."""
     from edgemed.bench.suites import Item, render_prompt_for
-    from edgemed.data.synthetic_cxr import _rng, generate
+    from edgemed.data.synthetic_cxr import rng_for, generate
 
     folder = tmp / "synthetic-cxr"
     generate(folder, count, seed, splits={"calib": 1.0})
@@ -173,7 +173,7 @@ def _synthetic_candidates(tmp: Path, count: int, seed: int) -> list[_Candidate]:
             by_image.setdefault(rec["image"], []).append(rec)
     out = []
     for k, (image, recs) in enumerate(sorted(by_image.items())):
-        rec = recs[int(_rng(seed, "calib", k, "calibration-prompt").integers(len(recs)))]
+        rec = recs[int(rng_for(seed, "calib", k, "calibration-prompt").integers(len(recs)))]
         item = Item(id=rec["id"], question=rec["question"], answer=rec["answer"], answer_type=rec["answer_type"])
         out.append(_Candidate(path=folder / image, modality="DX", key=image,
                               prompt=render_prompt_for("synthetic-cxr", item), answer=rec["answer"]))
@@ -394,7 +394,7 @@ def resolve_calibration_set(name_or_path: str | os.PathLike[str] | None = None, 
                             seed: int = 0, progress: Callable[[str], None] | None = None) -> Path:
     """The folder of a calibration set: a path, a set under ``<cache>/calib/``, or
     ``synthetic-cxr`` (default; built on first use and cached)."""
-    from edgemed.demo import cache_dir
+    from edgemed._resources import cache_dir
 
     name = str(name_or_path) if name_or_path is not None else DEFAULT_SET
     root = cache_dir() / "calib"

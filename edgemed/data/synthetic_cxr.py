@@ -91,7 +91,7 @@ class ImageSpec:
 # specs
 
 
-def _rng(seed: int, split: str, index: int, purpose: str) -> np.random.Generator:
+def rng_for(seed: int, split: str, index: int, purpose: str) -> np.random.Generator:
     # Stable across processes and numpy versions: the entropy is a hash of the names, not hash().
     digest = hashlib.sha256(f"synthetic-cxr/{GENERATOR_VERSION}/{seed}/{split}/{index}/{purpose}".encode()).digest()
     return np.random.default_rng(np.frombuffer(digest[:16], dtype=np.uint32))
@@ -103,7 +103,7 @@ def image_spec(seed: int, split: str, index: int) -> ImageSpec:
     are coprime); side, zone and size are drawn from the image's own seed."""
     finding = FINDINGS[index % len(FINDINGS)]
     site = tuple(SITES)[index % len(SITES)]
-    rng = _rng(seed, split, index, "spec")
+    rng = rng_for(seed, split, index, "spec")
     side, zone, size = rng.choice(SIDES), rng.choice(ZONES), rng.choice(SIZES)
     laterality = str(side) if finding in LATERAL_FINDINGS else None
     if finding == "nodule":
@@ -161,7 +161,7 @@ def _soft(mask_dist: np.ndarray, edge: float) -> np.ndarray:
 def render(spec: ImageSpec, size: int = 128, seed: int = 0) -> np.ndarray:
     """The image as float64 in [0, 1], shape (size, size); brighter = more attenuating."""
     n = int(size)
-    rng = _rng(seed, spec.split, spec.index, "pixels")
+    rng = rng_for(seed, spec.split, spec.index, "pixels")
     scale = n / 128.0
     edge = 1.2 / n  # soft edges about one pixel wide
     v, u = np.mgrid[0:n, 0:n].astype(np.float64) / (n - 1)
@@ -292,7 +292,7 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 # questions
 
 
-def _presence_question(finding: str, side: str | None = None) -> str:
+def presence_question(finding: str, side: str | None = None) -> str:
     if finding == "effusion":
         return "Is there a pleural effusion?" if side is None else f"Is there a pleural effusion on the {side}?"
     if finding == "cardiomegaly":
@@ -313,19 +313,19 @@ def questions_for(spec: ImageSpec, seed: int = 0) -> list[dict[str, Any]]:
     Abnormal images get their own finding (yes) and another one (no), so yes and no are near
     balanced; normal images get two absent findings.
     """
-    rng = _rng(seed, spec.split, spec.index, "questions")
+    rng = rng_for(seed, spec.split, spec.index, "questions")
     abnormal = [f for f in FINDINGS if f != "normal"]
     qs: list[tuple[str, str, str, str | None]] = []  # question, answer, type, finding asked about
     if spec.normal:
         for f in rng.choice(abnormal, size=2, replace=False):
-            qs.append((_presence_question(str(f)), "no", "closed", str(f)))
+            qs.append((presence_question(str(f)), "no", "closed", str(f)))
     else:
         other = str(rng.choice([f for f in abnormal if f != spec.finding]))
-        qs.append((_presence_question(spec.finding), "yes", "closed", spec.finding))
-        qs.append((_presence_question(other), "no", "closed", other))
+        qs.append((presence_question(spec.finding), "yes", "closed", spec.finding))
+        qs.append((presence_question(other), "no", "closed", other))
         if spec.laterality is not None:
             asked = spec.laterality if rng.random() < 0.5 else ("left" if spec.laterality == "right" else "right")
-            qs.append((_presence_question(spec.finding, asked), "yes" if asked == spec.laterality else "no",
+            qs.append((presence_question(spec.finding, asked), "yes" if asked == spec.laterality else "no",
                        "closed", spec.finding))
     if rng.random() < 0.5:
         qs.append(("Is this chest radiograph normal?", "yes" if spec.normal else "no", "closed", None))

@@ -1,4 +1,4 @@
-"""The model `compress` uses when no MODEL is given, and edgemed's cache folder.
+"""The model `compress` uses when no MODEL is given, built once in edgemed's cache folder.
 
 `edgemed-demo-cxr` (the default): LLaVA with a SigLIP tower + SmolLM2-135M-Instruct, trained by
 edgemed on synthetic radiographs (edgemed.demo.train). Its trained weights ship inside the package;
@@ -10,33 +10,24 @@ for quick smoke runs; its answers are noise.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from edgemed._resources import cache_dir
+from edgemed.atomic import atomic_directory
 
 DEMO_NAME = "edgemed-demo-cxr"
 TINY_NAME = "edgemed-demo-tiny"
 _TINY_VERSION = "1"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))
-
-
 def _build_once(out: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling and rename: a crash never leaves a half-written model."""
+    """Build into a temporary sibling and rename: a crash never leaves a half-written model, and a
+    process that finished the same build first keeps its copy."""
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))
-    try:
+    with atomic_directory(out, exists="keep") as tmp:
         build(tmp)
-        if not out.exists():
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -107,7 +107,7 @@ def grounding_questions(spec, seed: int, *, contrastive: bool = False) -> list[t
     presence questions. After stage 3 the model had learned the wording's prior: "Is there a
     pleural effusion on the left?" was answered "no" whatever the image (5% right when the answer
     was yes), and "Is this chest radiograph normal?" got "no" on 73% of normal images."""
-    from edgemed.data.synthetic_cxr import FINDINGS, _presence_question, questions_for
+    from edgemed.data.synthetic_cxr import FINDINGS, presence_question, questions_for
 
     qs = [(q["question"] + (CLOSED_SUFFIX if q["answer_type"] == "closed" else OPEN_SUFFIX), q["answer"])
           for q in questions_for(spec, seed)]
@@ -116,10 +116,10 @@ def grounding_questions(spec, seed: int, *, contrastive: bool = False) -> list[t
         extra = [("Is this chest radiograph normal?", "yes" if spec.normal else "no"),
                  ("Is there an abnormality?", "no" if spec.normal else "yes")]
         if spec.laterality is not None:
-            extra += [(_presence_question(spec.finding, side), "yes" if side == spec.laterality else "no")
+            extra += [(presence_question(spec.finding, side), "yes" if side == spec.laterality else "no")
                       for side in ("left", "right")]
     else:
-        extra = [(_presence_question(f), "yes" if f == spec.finding else "no") for f in FINDINGS[1:]]
+        extra = [(presence_question(f), "yes" if f == spec.finding else "no") for f in FINDINGS[1:]]
     for q, a in extra:
         if q + CLOSED_SUFFIX not in asked:
             qs.append((q + CLOSED_SUFFIX, a))

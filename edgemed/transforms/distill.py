@@ -47,7 +47,7 @@ class DistillArgs(StepArgs):
 
 
 def _cache_dir():
-    from edgemed.demo import cache_dir
+    from edgemed._resources import cache_dir
 
     return cache_dir() / "distill"
 

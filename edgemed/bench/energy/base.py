@@ -150,7 +150,7 @@ class NullMeter(EnergyMeter):
 # helpers the sampling meters share
 
 
-class _Sampler:
+class Sampler:
     """A daemon thread calling ``fn`` every ``interval_s`` until stopped.
 
     ``Event.wait`` rather than ``time.sleep`` so ``stop()`` returns immediately instead of after
@@ -178,7 +178,7 @@ class _Sampler:
         self._thread.join(timeout=5.0)
 
 
-def _trapezoid_joules(times_s: Sequence[float], power_mw: Sequence[float]) -> float:
+def trapezoid_joules(times_s: Sequence[float], power_mw: Sequence[float]) -> float:
     """Integrate milliwatt samples over seconds into joules (trapezoid rule)."""
     total = 0.0
     for i in range(1, len(times_s)):

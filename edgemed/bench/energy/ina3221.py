@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.bench.energy.base import Clock, EnergyMeter, EnergyReading, _Sampler, _trapezoid_joules
+from edgemed.bench.energy.base import Clock, EnergyMeter, EnergyReading, Sampler, trapezoid_joules
 from edgemed.bench.energy.jetson_rails import CARRIER_NOTE, resolve_total_rails
 from edgemed.errors import BadInputError
 from edgemed.host import read_int, read_text
@@ -101,7 +101,7 @@ class Ina3221Meter(EnergyMeter):
         self._times: list[float] = []
         self._power: dict[str, list[float]] = {}
         self._lock = threading.Lock()
-        self._sampler: _Sampler | None = None
+        self._sampler: Sampler | None = None
         self._failed_samples: list[str] = []
 
     def unavailable_reason(self) -> str | None:
@@ -123,7 +123,7 @@ class Ina3221Meter(EnergyMeter):
         self._times, self._power, self._failed_samples = [], {k: [] for k in self._rails}, []
         self.sample()
         if self.sample_interval_s is not None:
-            self._sampler = _Sampler(self.sample, self.sample_interval_s, "edgemed-ina3221")
+            self._sampler = Sampler(self.sample, self.sample_interval_s, "edgemed-ina3221")
             self._sampler.start()
 
     def sample(self) -> None:
@@ -153,7 +153,7 @@ class Ina3221Meter(EnergyMeter):
         self.sample()
         with self._lock:
             times = list(self._times)
-            rails = {k: _trapezoid_joules(times, v) for k, v in self._power.items()}
+            rails = {k: trapezoid_joules(times, v) for k, v in self._power.items()}
         warnings = []
         if len(times) < 3:
             warnings.append(f"only {len(times)} power samples in a {duration_s * 1000:.0f} ms window: "

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgemed.bench.energy.base import Clock, EnergyMeter, EnergyReading, _Sampler
+from edgemed.bench.energy.base import Clock, EnergyMeter, EnergyReading, Sampler
 from edgemed.errors import BadInputError
 from edgemed.host import read_int, read_text
 
@@ -57,7 +57,7 @@ class RaplMeter(EnergyMeter):
         self.sample_interval_s = sample_interval_s
         self._zones: list[_RaplZone] = []
         self._lock = threading.Lock()
-        self._sampler: _Sampler | None = None
+        self._sampler: Sampler | None = None
 
     def _discover(self) -> list[_RaplZone]:
         if not self.root.is_dir():
@@ -108,7 +108,7 @@ class RaplMeter(EnergyMeter):
             for z in self._zones:
                 z.last_uj, z.accum_uj = read_int(z.path), 0
         if self.sample_interval_s is not None:
-            self._sampler = _Sampler(self.poll, self.sample_interval_s, "edgemed-rapl-poll")
+            self._sampler = Sampler(self.poll, self.sample_interval_s, "edgemed-rapl-poll")
             self._sampler.start()
 
     def poll(self) -> None:

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from edgemed.bench.energy.base import EnergyReading, _trapezoid_joules
+from edgemed.bench.energy.base import EnergyReading, trapezoid_joules
 from edgemed.bench.energy.jetson_rails import CARRIER_NOTE, resolve_total_rails
 from edgemed.errors import BadInputError
 
@@ -116,7 +116,7 @@ class TegrastatsLog:
         for name in names:
             pts = [(i * dt, s["rails"][name]["cur_mw"]) for i, s in enumerate(self.samples)
                    if name in s["rails"]]
-            out[name] = _trapezoid_joules([t for t, _ in pts], [p for _, p in pts])
+            out[name] = trapezoid_joules([t for t, _ in pts], [p for _, p in pts])
         return out
 
     def reading(self, power_mode: str | None = None) -> EnergyReading:

@@ -1,24 +1,12 @@
-"""The language model as one GGUF llama.cpp loads directly (see also mmproj.py, tokenizer.py).
+"""The language model as one GGUF llama.cpp loads directly: hyperparameters, tokenizer
+(tokenizer.py) and every decoder tensor under gguf-py's names, streamed (writer.py).
 
-    model-f32.gguf     the decoder (token_embd, blk.N.*, output_norm, output), its hyperparameters,
-                       tokenizer (GPT-2 byte-level BPE or SentencePiece-style) and chat template
-    mmproj-f16.gguf    vision tower + projector, `general.architecture = clip`, for llama.cpp's mtmd
-                       (LLaVA "mlp" with SigLIP or CLIP towers, Idefics3/SmolVLM "idefics3", Gemma 3 "gemma3")
-
-Tensor names come from gguf-py's own map (`gguf.get_tensor_name_map`) and constants; edgemed keeps
-no second name table. Tensors are streamed: every tensor's header is declared first, then each
-tensor is converted and written on its own, so peak extra memory is one tensor, not the model.
-
-Facts about what llama.cpp's loaders expect (checked against the llama.cpp vendored by
-llama-cpp-python, see /work/shared/REFERENCE.md "llama.cpp multimodal"):
+What llama.cpp's loaders expect (checked against the llama.cpp vendored by llama-cpp-python):
 - Llama-family attention (llama, mistral) applies RoPE to adjacent pairs, Hugging Face to the two
   halves of each head, so q/k rows are permuted per head (`permute_qk`); Qwen2/Phi3/Gemma3 use NEOX
-  RoPE in llama.cpp and need no permutation.
+  RoPE in llama.cpp and need no permutation (DecoderFacts.gguf_permute_qk, edgemed.models).
 - Gemma 3 stores RMSNorm weights as w - 1 (llama.cpp wants w), hard-codes 5 sliding : 1 global
   layers and scales attention by 1/sqrt(head_dim): models that differ are refused, not written.
-- LLaVA's "mlp" graph runs n_layer-1 vision blocks and applies `v.post_ln` if present: never write
-  post_ln for LLaVA, write `clip.vision.feature_layer` whenever vision_feature_layer != -2.
-- The projector stays F16 or F32 (Q8_0 on it crashed clip).
 """
 from __future__ import annotations
 
@@ -31,7 +19,7 @@ import numpy as np
 
 from edgemed.errors import BadInputError
 from edgemed.formats.gguf.tokenizer import write_tokenizer
-from edgemed.formats.gguf.writer import _float_type, _gguf, _np, _Planned, _stream, llama_ftype
+from edgemed.formats.gguf.writer import float_type, gguf_py, lazy_numpy, PlannedTensor, stream_tensors, llama_ftype
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.models import CompositeModel
@@ -98,8 +86,8 @@ def _llama3_rope_factors(rp: dict[str, Any], head_dim: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _write_text_hparams(w, cm: "CompositeModel", arch: TextArch, tc) -> list[_Planned]:
-    gguf = _gguf()
+def _write_text_hparams(w, cm: "CompositeModel", arch: TextArch, tc) -> list[PlannedTensor]:
+    gguf = gguf_py()
     heads = tc.num_attention_heads
     kv_heads = getattr(tc, "num_key_value_heads", None) or heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
@@ -119,7 +107,7 @@ def _write_text_hparams(w, cm: "CompositeModel", arch: TextArch, tc) -> list[_Pl
         _gemma3_hparams(w, cm, tc, head_dim)
     rp = _rope(tc)
     w.add_rope_freq_base(float(rp["rope_theta"]))
-    extra: list[_Planned] = []
+    extra: list[PlannedTensor] = []
     rtype = (rp.get("rope_type") or "default").lower()
     if rtype == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -130,7 +118,7 @@ def _write_text_hparams(w, cm: "CompositeModel", arch: TextArch, tc) -> list[_Pl
         w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
     elif rtype == "llama3":
         factors = _llama3_rope_factors(rp, head_dim)
-        extra.append(_Planned(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape,
+        extra.append(PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape,
                               gguf.GGMLQuantizationType.F32, lambda: factors))
     elif rtype != "default":
         raise BadInputError(f"{cm.source}: rope_type '{rtype}'", "has no GGUF mapping in edgemed",
@@ -179,7 +167,7 @@ def _gemma3_hparams(w, cm: "CompositeModel", tc, head_dim: int) -> None:
 
 def language_tensors(cm: "CompositeModel") -> Iterator[tuple[str, str, Any]]:
     """(hf_name, gguf_name, parameter) for every language-model tensor, in file order."""
-    gguf = _gguf()
+    gguf = gguf_py()
     arch = text_arch(cm)
     tc = cm.adapter.text_config(cm.config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.arch], tc.num_hidden_layers)
@@ -221,7 +209,7 @@ def _model_name(cm: "CompositeModel") -> str:
 
 def write_language_gguf(cm: "CompositeModel", path: Path, precision: str = "f32") -> dict[str, Any]:
     """The decoder, hyperparameters and tokenizer as one GGUF llama.cpp loads directly."""
-    gguf = _gguf()
+    gguf = gguf_py()
     arch = text_arch(cm)
     tc = cm.adapter.text_config(cm.config)
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch.arch]])
@@ -235,7 +223,7 @@ def write_language_gguf(cm: "CompositeModel", path: Path, precision: str = "f32"
     heads = tc.num_attention_heads
     kv_heads = getattr(tc, "num_key_value_heads", None) or heads
     for hf_name, new, p in language_tensors(cm):
-        make = _np(p)
+        make = lazy_numpy(p)
         if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             make = (lambda f: (lambda: permute_qk(f(), heads)))(make)
         elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -246,6 +234,6 @@ def write_language_gguf(cm: "CompositeModel", path: Path, precision: str = "f32"
         if new.endswith("ffn_gate_inp_shexp.weight"):  # Linear(H, 1): llama.cpp wants a vector {n_embd}
             shape = shape[1:]
             make = (lambda f: (lambda: f().reshape(-1)))(make)
-        planned.append(_Planned(new, shape, _float_type(precision, len(shape), shape[-1]), make))
-    _stream(w, planned)
+        planned.append(PlannedTensor(new, shape, float_type(precision, len(shape), shape[-1]), make))
+    stream_tensors(w, planned)
     return {"tensors": len(planned), **vocab_info}

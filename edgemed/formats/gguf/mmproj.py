@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemed.errors import BadInputError
 from edgemed.formats.gguf import gguf_type_name
-from edgemed.formats.gguf.writer import _float_type, _gguf, _np, _Planned, _stream, llama_ftype
+from edgemed.formats.gguf.writer import float_type, gguf_py, lazy_numpy, PlannedTensor, stream_tensors, llama_ftype
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.models import CompositeModel
@@ -24,7 +24,7 @@ CLIP_FEATURE_LAYER = "clip.vision.feature_layer"
 
 
 # --- mmproj -------------------------------------------------------------------------------------------
-def _mmproj_spec(cm: "CompositeModel"):
+def mmproj_spec(cm: "CompositeModel"):
     """The family's MmprojFacts (edgemed.models.base): how llama.cpp's clip code holds its tower."""
     if cm.adapter.mmproj is None:
         from edgemed.models import FAMILIES
@@ -43,11 +43,11 @@ def has_cls_token(cm: "CompositeModel") -> bool:
 
 def write_mmproj_gguf(cm: "CompositeModel", path: Path, vision_precision: str = "f16",
                       projector_precision: str = "f16") -> dict[str, Any]:
-    gguf = _gguf()
+    gguf = gguf_py()
     T = gguf.GGMLQuantizationType
     if cm.image is None:
         raise BadInputError(cm.source, "is text-only", "mmproj is written only for vision-language models")
-    spec = _mmproj_spec(cm)
+    spec = mmproj_spec(cm)
     cfg, vc = cm.config, cm.config.vision_config
     tc = cm.adapter.text_config(cfg)
     w = gguf.GGUFWriter(path, "clip")
@@ -94,7 +94,7 @@ def write_mmproj_gguf(cm: "CompositeModel", path: Path, vision_precision: str = 
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vc.num_hidden_layers)
     comps = cm.components()
-    planned: list[_Planned] = []
+    planned: list[PlannedTensor] = []
     proj_prec = "f32" if gguf_type_name(projector_precision) == "f32" else "f16"
     for hf_name, p in comps["vision"].named_parameters():
         if hf_name.startswith("head.") or ".head." in hf_name:
@@ -118,16 +118,16 @@ def write_mmproj_gguf(cm: "CompositeModel", path: Path, vision_precision: str = 
         elif "position_embd" in new or "class_embd" in new:
             qt = T.F32
         else:
-            qt = _float_type(vision_precision, len(shape), shape[-1])
-        planned.append(_Planned(new, shape, qt, _np(p)))
+            qt = float_type(vision_precision, len(shape), shape[-1])
+        planned.append(PlannedTensor(new, shape, qt, lazy_numpy(p)))
     for hf_name, p in comps["projector"].named_parameters():
         new = _projector_name(gguf, names, spec, hf_name)
         shape = tuple(p.shape)
-        make = _np(p)
+        make = lazy_numpy(p)
         if spec.projector_type == gguf.VisionProjectorType.GEMMA3 and "soft_emb_norm" in new:
             make = (lambda f: (lambda: f() + 1.0))(make)  # Gemma RMSNorm stores w - 1
-        planned.append(_Planned(new, shape, _float_type(proj_prec, len(shape), shape[-1]), make))
-    _stream(w, planned)
+        planned.append(PlannedTensor(new, shape, float_type(proj_prec, len(shape), shape[-1]), make))
+    stream_tensors(w, planned)
     return {"tensors": len(planned), "projector_type": spec.projector_type, "cls_token": has_cls_token(cm)}
 
 

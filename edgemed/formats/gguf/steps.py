@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from edgemed.errors import BadInputError, EdgemedError, MissingDependencyError
+from edgemed.formats.gguf import gguf_type_name
 from edgemed.steps import Step, StepArgs
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,7 +45,6 @@ class GgufExport(Step):
     Args = GgufExportArgs
 
     def run(self, ctx: "Context") -> None:
-        from edgemed.formats.gguf import gguf_type_name
         from edgemed.formats.gguf.export import export_gguf
         from edgemed.formats.gguf.mmproj import has_cls_token
 
@@ -94,8 +94,6 @@ class GgufQuantize(Step):
     Args = GgufQuantizeArgs
 
     def run(self, ctx: "Context") -> None:
-        from edgemed.formats.gguf import gguf_type_name
-
         policy = ctx.recipe.policy
         lang = gguf_type_name(policy.language)
         src = _language_file(ctx)
@@ -169,7 +167,6 @@ def quantize_gguf(src: Path, dst: Path, policy, tensor_types: dict[str, str] | N
     Returns whether the model ties lm_head to the embeddings (no output.weight)."""
     import gguf
 
-    from edgemed.formats.gguf import gguf_type_name
     from edgemed.formats.gguf.writer import ggml_type, llama_ftype
     from edgemed.formats.gguf.imatrix import read_imatrix
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgemed.errors import BadInputError
-from edgemed.formats.gguf.writer import _gguf
+from edgemed.formats.gguf.writer import gguf_py
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.models import CompositeModel
@@ -37,7 +37,7 @@ def _pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
 
 def write_tokenizer(w, cm: "CompositeModel", tc) -> dict[str, Any]:
     """Vocabulary, merges or scores, special tokens and the chat template."""
-    gguf = _gguf()
+    gguf = gguf_py()
     tok = cm.tokenizer
     with tempfile.TemporaryDirectory() as td:
         tok.save_pretrained(td)

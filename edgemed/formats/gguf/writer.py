@@ -17,7 +17,7 @@ from edgemed.formats.gguf import gguf_type_name
 
 
 # --- precision names -> gguf-py enums ------------------------------------------------------------
-def _gguf():
+def gguf_py():
     import gguf
 
     return gguf
@@ -25,7 +25,7 @@ def _gguf():
 
 def ggml_type(precision: str):
     """The ggml tensor type a policy precision names (q4_k_m -> Q4_K, int8 -> Q8_0, fp16 -> F16)."""
-    gguf = _gguf()
+    gguf = gguf_py()
     name = gguf_type_name(precision).upper()
     for suffix in ("_M", "_S", "_L"):
         if name.endswith(suffix) and "_K" in name:
@@ -39,7 +39,7 @@ def ggml_type(precision: str):
 
 def llama_ftype(precision: str):
     """The llama.cpp file type (quantization mixture) a policy precision names."""
-    gguf = _gguf()
+    gguf = gguf_py()
     name = gguf_type_name(precision).upper()
     key = "ALL_F32" if name == "F32" else f"MOSTLY_{name}"
     try:
@@ -51,7 +51,7 @@ def llama_ftype(precision: str):
 
 # --- streaming writer -----------------------------------------------------------------------------
 @dataclass
-class _Planned:
+class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     qtype: Any  # gguf.GGMLQuantizationType
@@ -59,15 +59,15 @@ class _Planned:
 
 
 def _nbytes(shape: tuple[int, ...], qtype) -> int:
-    gguf = _gguf()
+    gguf = gguf_py()
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
     n = int(np.prod(shape))
     return n // block * type_size
 
 
-def _stream(writer, planned: list[_Planned]) -> None:
+def stream_tensors(writer, planned: list[PlannedTensor]) -> None:
     """Declare every tensor, write header/KV/tensor infos, then convert and write one at a time."""
-    gguf = _gguf()
+    gguf = gguf_py()
     for t in planned:
         if t.qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             dt = np.float32 if t.qtype == gguf.GGMLQuantizationType.F32 else np.float16
@@ -89,14 +89,14 @@ def _stream(writer, planned: list[_Planned]) -> None:
     writer.close()
 
 
-def _np(param) -> Callable[[], np.ndarray]:
+def lazy_numpy(param) -> Callable[[], np.ndarray]:
     return lambda: param.detach().float().cpu().numpy()
 
 
-def _float_type(precision: str, ndim: int, cols: int):
+def float_type(precision: str, ndim: int, cols: int):
     """Tensor type the writer itself stores: 1-D tensors F32; 2-D at f16/f32, or Q8_0 where the
     policy asks for 8 bits and the rows fit Q8_0's 32-blocks (gguf-py's own Q8_0 quantizer)."""
-    gguf = _gguf()
+    gguf = gguf_py()
     T = gguf.GGMLQuantizationType
     if ndim < 2:
         return T.F32

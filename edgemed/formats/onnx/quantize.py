@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgemed.errors import BadInputError
+from edgemed.formats.onnx import OnnxBackend
 from edgemed.formats.onnx.graph import fit_block, fold_weight_transposes, gemm_to_matmul, replace_nodes, save_model
 from edgemed.formats.onnx.int4 import INT4_ALGORITHMS, ort_nbits
 
@@ -46,9 +47,9 @@ def quantize_graph(path: Path, policy, args: "OnnxQuantizeArgs", calibration_fee
         if len(n.input) > 1 and n.input[1] in inits and n.name in comps:
             by_prec.setdefault(wanted.get(comps[n.name], "fp32"), []).append(n.name)
     for prec in by_prec:
-        if prec not in ("fp32", "fp16", "int8", "int4"):
+        if prec not in OnnxBackend.precisions:
             raise BadInputError(f"{path.name}: policy", f"precision '{prec}' cannot be expressed in ONNX",
-                                "use fp32, fp16, int8 or int4 for ONNX recipes")
+                                f"use {', '.join(sorted(OnnxBackend.precisions))} for ONNX recipes")
     block4 = args.int4.fp16_block_size if activations == "fp16" else args.int4.block_size
     if by_prec.get("int4") and args.int4.int8_projections and activations == "fp32":
         keep = [n for n in by_prec["int4"] if comps.get(n) == "language"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edgemed.errors import BadInputError
+from edgemed.formats.onnx import OnnxBackend
 from edgemed.formats.onnx.args import OnnxExportArgs, OnnxQuantizeArgs
 from edgemed.formats.onnx.graph import GRAPHS, graph_component
 from edgemed.formats.onnx.int4 import INT4_ALGORITHMS
@@ -71,9 +72,10 @@ class OnnxQuantize(Step):
         from edgemed.formats.onnx.quantize import quantize_graph
 
         policy = ctx.recipe.policy
-        if policy.embed not in ("fp32", "fp16", "int8"):
+        embed = OnnxBackend.component_precisions["embed"]
+        if policy.embed not in embed:
             raise BadInputError(f"recipe {ctx.recipe.name}: policy.embed", f"'{policy.embed}' is not supported for ONNX",
-                                "use fp32, fp16 or int8 for embed")
+                                f"use {', '.join(sorted(embed))} for embed")
         activations, why = onnx_activations(self.args.activations, ctx.target, ctx.cm.adapter.fp16_unsafe)
         ctx.runtime["activations"] = activations
         if activations == "fp16":

@@ -14,6 +14,8 @@ from edgemed.formats.base import GB, RUNTIME_OVERHEAD_FIXED_BYTES, FormatBackend
 class TensorrtBackend(FormatBackend):
     name = "tensorrt"
     precisions = frozenset({"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"})
+    # The embedding table is a Gather, not a MatMul: no Q/DQ form for it.
+    component_precisions = {"embed": frozenset({"fp32", "fp16"})}
 
     def int4_layout(self) -> tuple[int, int, int]:
         return 128, 2, 0  # ModelOpt INT4 AWQ: block 128, fp16 scale, no zero point

@@ -28,6 +28,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from edgemed.errors import BadInputError, EdgemedError
+from edgemed.formats.tensorrt import TensorrtBackend
 from edgemed.formats.onnx.graph import graph_component
 from edgemed.formats.tensorrt.args import PROFILES_FILE, TrtExportArgs
 from edgemed.formats.tensorrt.profiles import build_profiles, validate_profiles
@@ -50,7 +51,7 @@ class TensorrtExport(Step):
         from edgemed.formats.onnx.export import export_onnx
 
         policy = ctx.recipe.policy
-        if policy.embed not in ("fp32", "fp16"):
+        if policy.embed not in TensorrtBackend.component_precisions["embed"]:
             raise BadInputError(f"recipe {ctx.recipe.name}: policy.embed", f"'{policy.embed}' is not supported "
                                 "for the embedding table (a Gather, not a MatMul)", "use fp32 or fp16 for embed")
         ctx.runtime["decoder_builder"] = "torch"
