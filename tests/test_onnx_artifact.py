@@ -213,7 +213,7 @@ def test_gpu_target_gets_an_fp16_graph_at_parity(tiny_dir, tmp_path):
 
 
 def test_activations_follow_the_target_and_family():
-    from edgemed.formats.onnx.steps import onnx_activations
+    from edgemed.formats.onnx.args import onnx_activations
     from edgemed.models import FAMILIES
     from edgemed.target import load_target
 

@@ -25,7 +25,7 @@ class OnnxBackend(FormatBackend):
     @property
     def activations(self) -> str:
         """What onnx-quantize will make the graph's float type (see steps.onnx_activations)."""
-        from edgemed.formats.onnx.steps import onnx_activations
+        from edgemed.formats.onnx.args import onnx_activations
 
         unsafe = getattr(self.shape, "fp16_unsafe", None)
         return onnx_activations(self._quantize_args().activations, self.target, unsafe)[0]

@@ -78,3 +78,17 @@ class OnnxQuantizeArgs(StepArgs):
     # fp32 on a CPU (ONNX Runtime's CPU kernels are fastest in fp32), and fp32 for the families whose
     # adapter says fp16 is unsafe (Adapter.fp16_unsafe) whatever the target.
     activations: Literal["auto", "fp32", "fp16"] = "auto"
+
+
+def onnx_activations(choice: str, target, fp16_unsafe: str | None) -> tuple[str, str | None]:
+    """(fp32 | fp16, why) for an ONNX artifact on `target` (a Target or None) of a family whose
+    activations leave fp16's range for the reason `fp16_unsafe` (None: fp16 is safe there; an fp16
+    graph of an unsafe family would compute inf/NaN)."""
+    if choice != "auto":
+        return choice, None
+    acc = getattr(target, "accelerator", None)
+    if acc is None or acc.kind != "gpu" or "fp16" not in target.precisions:
+        return "fp32", None
+    if fp16_unsafe:
+        return "fp32", f"activations stay fp32 on {target.name}: {fp16_unsafe}"
+    return "fp16", f"activations, float weights and the KV cache are fp16 on {target.name} (a GPU)"

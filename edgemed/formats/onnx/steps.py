@@ -1,4 +1,4 @@
-"""ONNX export and quantization steps (onnx-export, onnx-quantize) and their typed arguments.
+"""ONNX export and quantization steps (onnx-export, onnx-quantize); their typed arguments are in args.py.
 
 The quantizers themselves are in edgemed.formats.onnx.quantize and edgemed.formats.onnx.int4.
 """
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from edgemed.errors import BadInputError
 from edgemed.formats.onnx import OnnxBackend
-from edgemed.formats.onnx.args import OnnxExportArgs, OnnxQuantizeArgs
+from edgemed.formats.onnx.args import OnnxExportArgs, OnnxQuantizeArgs, onnx_activations
 from edgemed.formats.onnx.graph import GRAPHS, graph_component
 from edgemed.formats.onnx.int4 import INT4_ALGORITHMS
 from edgemed.steps import Step
@@ -45,20 +45,6 @@ class OnnxExport(Step):
         ctx.runtime["kv_cache"] = "shared_buffer" if used == "genai" else "concat"
         for name in names:
             ctx.describe(name, component=graph_component(name), fmt="onnx", precision="fp32")
-
-
-def onnx_activations(choice: str, target, fp16_unsafe: str | None) -> tuple[str, str | None]:
-    """(fp32 | fp16, why) for an ONNX artifact on `target` (a Target or None) of a family whose
-    activations leave fp16's range for the reason `fp16_unsafe` (None: fp16 is safe there; an fp16
-    graph of an unsafe family would compute inf/NaN)."""
-    if choice != "auto":
-        return choice, None
-    acc = getattr(target, "accelerator", None)
-    if acc is None or acc.kind != "gpu" or "fp16" not in target.precisions:
-        return "fp32", None
-    if fp16_unsafe:
-        return "fp32", f"activations stay fp32 on {target.name}: {fp16_unsafe}"
-    return "fp16", f"activations, float weights and the KV cache are fp16 on {target.name} (a GPU)"
 
 
 class OnnxQuantize(Step):
