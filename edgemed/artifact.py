@@ -7,13 +7,13 @@ import hashlib
 import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgemed._version import __version__
-from edgemed.atomic import atomic_directory
+from edgemed.atomic import WRITER_FILE, atomic_directory, remove_stale_siblings
 from edgemed.errors import BadInputError, VerificationError
 
 MANIFEST = "manifest.json"
@@ -110,8 +110,12 @@ class ArtifactWriter:
         if self.output.exists() and not overwrite:
             raise BadInputError(str(output), "output directory already exists",
                                 "choose a new --output, or pass --overwrite to replace it")
+        if self.output.exists() or self.output.is_symlink():
+            _check_replaceable(self.output, str(output))
         if not self.output.parent.exists():
             raise BadInputError(str(output), f"parent folder {self.output.parent} does not exist", "create it first")
+        # Folders of runs into the same output that were killed (SIGKILL, power cut) go now.
+        self.removed_stale = remove_stale_siblings(self.output)
         self._atomic = atomic_directory(self.output)
 
     def __enter__(self) -> Path:
@@ -122,12 +126,29 @@ class ArtifactWriter:
         return False
 
 
+def _check_replaceable(path: Path, what: str) -> None:
+    """--overwrite replaces an edgemed artifact (or an empty folder), never a file, a link or a folder
+    of something else: the user's files are not ours to delete."""
+    if path.is_symlink() or not path.is_dir():
+        raise BadInputError(what, "exists and is not a folder", "choose another --output (--overwrite replaces only "
+                            "an artifact folder)")
+    if not any(path.iterdir()):
+        return
+    try:
+        ours = {"schema_version", "edgemed_version", "files"} <= set(json.loads((path / MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise BadInputError(what, "is a folder, but not an edgemed artifact (no edgemed manifest.json)",
+                            "choose another --output; --overwrite never deletes a folder edgemed did not write")
+
+
 def file_records(root: Path, describe: dict[str, dict[str, Any]] | None = None) -> list[FileRecord]:
     """Every file under root except the manifest, with sha256, size and what it is."""
     describe = describe or {}
     out = []
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == MANIFEST:
+        if not p.is_file() or p.name == MANIFEST or p.relative_to(root).as_posix() == WRITER_FILE:
             continue
         rel = p.relative_to(root).as_posix()
         rec = {"path": rel, "sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -167,30 +188,56 @@ def read_manifest(root: str | Path) -> Manifest:
                             "the artifact is damaged: re-run `edgemed compress`") from None
 
 
-def verify(root: str | Path) -> list[str]:
-    """Recompute every listed file's sha256; returns the list of problems (empty = intact)."""
+def contained_path(root: Path, rel: str, what: str) -> Path:
+    """`root / rel` for a path an artifact names (a manifest entry, an ONNX external-data location),
+    refused unless it is relative, normalised and stays inside `root` with no symlink on the way:
+    an artifact is a trust boundary, never a way to read files elsewhere on the clinic's machine."""
+    pure = PurePosixPath(rel)
+    if (not rel or "\\" in rel or pure.is_absolute() or PureWindowsPath(rel).drive
+            or any(part in ("", ".", "..") for part in rel.split("/")) or pure.as_posix() != rel):
+        raise BadInputError(f"{root}: {what} '{rel}'", "is not a relative, normalised path inside the artifact",
+                            "the artifact was tampered with or damaged: re-run `edgemed compress`")
+    path = root / rel
+    for step in [*reversed(path.relative_to(root).parents), path.relative_to(root)]:
+        if step != Path(".") and (root / step).is_symlink():
+            raise BadInputError(f"{root}: {what} '{rel}'", f"goes through a symbolic link ({step})",
+                                "copy the artifact with real files (cp -rL, or re-run `edgemed compress`)")
+    if not path.resolve().is_relative_to(root.resolve()):  # pragma: no cover - the checks above imply it
+        raise BadInputError(f"{root}: {what} '{rel}'", "resolves outside the artifact", "re-run `edgemed compress`")
+    return path
+
+
+def verify(root: str | Path, manifest: Manifest | None = None, *, hashes: bool = True) -> list[str]:
+    """Check every listed file against the manifest: its path stays inside the artifact (no
+    symlinks anywhere in it), its size, and with `hashes` its sha256; and no file is unlisted.
+    Returns the problems (empty = intact); a path leaving the artifact raises BadInputError."""
     root = Path(root)
-    manifest = read_manifest(root)
+    manifest = manifest or read_manifest(root)
     problems = []
     listed = set()
     for rec in manifest.files:
-        p = root / rec.path
+        p = contained_path(root, rec.path, "manifest entry")
         listed.add(rec.path)
         if not p.is_file():
             problems.append(f"{rec.path}: missing")
             continue
         if p.stat().st_size != rec.bytes:
-            problems.append(f"{rec.path}: size {p.stat().st_size} != {rec.bytes} in the manifest")
-        elif sha256_file(p) != rec.sha256:
+            problems.append(f"{rec.path}: size {p.stat().st_size} != {rec.bytes} in the manifest (truncated or replaced)")
+        elif hashes and sha256_file(p) != rec.sha256:
             problems.append(f"{rec.path}: sha256 differs from the manifest (file changed or corrupt)")
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and p.name != MANIFEST and rel not in listed:
-            problems.append(f"{rel}: not listed in the manifest")
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if full.is_symlink():
+                problems.append(f"{rel}: a symbolic link (an artifact holds real files only)")
+            elif name in filenames and rel != MANIFEST and rel not in listed:
+                problems.append(f"{rel}: not listed in the manifest")
     return problems
 
 
-def verify_or_raise(root: str | Path) -> None:
-    problems = verify(root)
+def verify_or_raise(root: str | Path, manifest: Manifest | None = None, *, hashes: bool = True) -> None:
+    problems = verify(root, manifest, hashes=hashes)
     if problems:
-        raise VerificationError(f"{root}: artifact verification failed:\n  " + "\n  ".join(problems))
+        raise VerificationError(str(root), "artifact verification failed:\n  " + "\n  ".join(problems),
+                                "re-run `edgemed compress` (the files no longer match manifest.json)")

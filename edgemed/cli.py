@@ -127,12 +127,13 @@ def inspect(
     verify: bool = typer.Option(False, "--verify", help="Recompute every file's sha256; exit 2 on any change."),
 ):
     """Show an artifact's manifest summary; with --verify, check every file against it."""
-    from edgemed.artifact import read_manifest, verify_or_raise
+    from edgemed.artifact import read_manifest
+    from edgemed.runtime import check_artifact
 
     m = read_manifest(artifact)
     _print_artifact(m, artifact)
     if verify:
-        verify_or_raise(artifact)
+        check_artifact(artifact, m, allow_rejected=True)  # what runtime.load checks (a rejected one is shown too)
         console.print(f"[green]verified[/green]: {len(m.files)} files match manifest.json")
 
 
@@ -150,6 +151,8 @@ def bench(
     split: Optional[str] = typer.Option(None, "--split", help="Suite split (default: test; pubmedqa: train)."),
     with_report: List[Path] = typer.Option(None, "--with", help="Other report.json files to put on the Pareto plot; repeatable."),
     bandwidth_gb_s: Optional[float] = typer.Option(None, "--bandwidth-gb-s", help="Use this memory bandwidth for the roofline instead of measuring."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256 before running (sizes and paths are always checked)."),
+    allow_rejected: bool = typer.Option(False, "--allow-rejected", help="Run an artifact its recipe's gates rejected."),
 ):
     """Measure an artifact on this machine: accuracy, fidelity, latency, memory, energy, roofline."""
     from edgemed.bench import run_bench
@@ -159,7 +162,8 @@ def bench(
         task = prog.add_task("start", total=None)
         report = run_bench(artifact, suite or [], output=output, runs=runs, warmup=warmup,
                            max_new_tokens=max_new_tokens, limit=limit, split=split, with_reports=with_report or [],
-                           bandwidth_gb_s=bandwidth_gb_s, progress=lambda m: prog.update(task, description=m))
+                           bandwidth_gb_s=bandwidth_gb_s, verify=verify, allow_rejected=allow_rejected,
+                           progress=lambda m: prog.update(task, description=m))
         prog.update(task, description="done")
     lat, fid, roof = report["latency"], report["fidelity"], report["roofline"]
     f = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731

@@ -39,10 +39,8 @@ class InfeasiblePlanError(EdgemedError):
     exit_code = 2
 
 
-class VerificationError(EdgemedError):
+class VerificationError(BadInputError):
     """An artifact's files do not match its manifest (exit code 2)."""
-
-    exit_code = 2
 
 
 class GateFailedError(EdgemedError):

@@ -4,6 +4,7 @@ The CLI is a thin layer over this function; a notebook or a clinic's build scrip
 """
 from __future__ import annotations
 
+import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from edgemed.models import CompositeModel, load_model
 from edgemed.recipe import Recipe, compose, load_recipe
 from edgemed.context import Context
 from edgemed.target import Target, host_target_name, load_target
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -118,6 +121,8 @@ def compress(
         output = default_output(model, recipe)
         output.parent.mkdir(parents=True, exist_ok=True)
     writer = ArtifactWriter(output, overwrite=overwrite)  # refuses an existing output before heavy work
+    for p in writer.removed_stale:
+        log.warning("removed %s: the temporary folder of an earlier run into %s that was killed", p.name, output)
     source = resolve_model(model, progress=say)
     plan_dict = None
     if not skip_plan:

@@ -318,7 +318,9 @@ def test_truncated_gguf_is_bad_input_not_a_crash(artifact, tmp_path):
     # and the same through a fresh process, as a user would hit it
     code = f"import edgemed.runtime as r; r.load({str(out)!r})"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert run.returncode == 1 and "BadInputError" in run.stderr and "Segmentation" not in run.stderr
+    # runtime.load's size check (a VerificationError, a BadInputError) refuses it before llama.cpp opens it
+    assert run.returncode == 1 and "VerificationError" in run.stderr and "truncated" in run.stderr
+    assert "Segmentation" not in run.stderr
 
 
 @pytest.mark.parametrize("family", ["llava-siglip", "idefics3"])

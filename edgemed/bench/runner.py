@@ -160,11 +160,14 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
               bandwidth_gb_s: float | None = None, energy_min_window_s: float = 1.0,
               session=None, manifest: Manifest | None = None,
               name: str | None = None, plots: bool = True, record_in_manifest: bool = True,
+              verify: bool = True, allow_rejected: bool = False,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark one artifact folder (or an already-open ``session`` with its ``manifest``, e.g.
     the PyTorch parent in bench/compare.py) and return the report dict; with ``output``, write
     report.json there and report.md plus PNG plots beside it.
 
+    The artifact is checked first as edgemed.runtime.load checks it (``verify``: every sha256;
+    ``allow_rejected``: run an artifact its gates rejected).
     ``suites``: ``NAME`` or ``NAME=PATH`` (see edgemed.bench.suites). ``runs`` latency requests
     after ``warmup`` unmeasured ones, each decoding exactly ``max_new_tokens`` tokens greedily.
     """
@@ -182,11 +185,12 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
     rss = meters.PeakRssSampler().start()
     t_load = time.perf_counter()
     if session is None:
-        from edgemed.runtime import open_session
+        from edgemed.runtime import check_artifact, open_session
 
         if artifact_dir is None:
             raise BadInputError("artifact", "no artifact folder and no session given", "pass ARTIFACT")
         manifest = read_manifest(artifact_dir)
+        check_artifact(artifact_dir, manifest, hashes=verify, allow_rejected=allow_rejected)
         session = open_session(artifact_dir, manifest)
     manifest = manifest or Manifest()
     load_s = time.perf_counter() - t_load

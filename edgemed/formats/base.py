@@ -104,7 +104,17 @@ class FormatBackend:
 
     # --- run time ---------------------------------------------------------------------------------
     @classmethod
-    def open_session(cls, path: "Path", manifest: dict, **kwargs):
+    def required_files(cls, manifest) -> list[str]:
+        """Files (glob patterns) a session of this format cannot run without."""
+        return []
+
+    @classmethod
+    def check_files(cls, root: "Path", manifest) -> None:
+        """Format-specific containment checks before the runtime library sees a file (raise
+        BadInputError); the generic ones (paths, symlinks, sizes, hashes) are edgemed.artifact.verify."""
+
+    @classmethod
+    def open_session(cls, path: "Path", manifest, **kwargs):
         """A runtime session for an artifact of this format (see edgemed.runtime.session)."""
         raise NotImplementedError
 

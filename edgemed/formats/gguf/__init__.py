@@ -37,6 +37,11 @@ class GgufBackend(FormatBackend):
         return 2  # llama.cpp's default cache type is f16
 
     @classmethod
+    def required_files(cls, manifest) -> list[str]:
+        image = ["mmproj-*.gguf"] if manifest.model and manifest.model.image else []
+        return ["model-*.gguf", "tokenizer.json", *image]
+
+    @classmethod
     def open_session(cls, path, manifest, **kwargs):
         from edgemed.formats.gguf.session import GgufSession
 

@@ -74,6 +74,22 @@ class OnnxBackend(FormatBackend):
         return 1 if getattr(self.shape, "builder_decoder", False) and decoder != "torch" else 2
 
     @classmethod
+    def required_files(cls, manifest) -> list[str]:
+        image = ["vision_encoder.onnx"] if manifest.model and manifest.model.image else []
+        return ["decoder_model_merged.onnx", "embed_tokens.onnx", "tokenizer.json", *image]
+
+    @classmethod
+    def check_files(cls, root, manifest) -> None:
+        """Every external-data location an ONNX graph names stays inside the artifact and is a listed
+        file: checked here, before ONNX Runtime opens the graph (it would read what a tampered graph
+        points at, or fail with its own error)."""
+        from edgemed.formats.onnx.graph import check_external_data
+
+        for f in manifest.files:
+            if f.path.endswith(".onnx"):
+                check_external_data(root, f.path, {g.path for g in manifest.files})
+
+    @classmethod
     def open_session(cls, path, manifest, **kwargs):
         from edgemed.formats.onnx.session import OnnxSession
 

@@ -154,3 +154,44 @@ def save_model(model, path: Path) -> None:
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     else:
         onnx.save(model, str(path))
+
+
+def _tensors(graph):
+    """Every TensorProto a graph holds: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def check_external_data(root: Path, rel: str, listed: set[str]) -> None:
+    """Refuse a graph whose external data lies outside the artifact or in a file the manifest does not
+    list (BadInputError), reading the graph without its external data."""
+    import onnx
+    from onnx import TensorProto
+
+    from edgemed.artifact import contained_path
+    from edgemed.errors import BadInputError
+
+    try:
+        model = onnx.load(str(root / rel), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: a damaged or foreign file
+        raise BadInputError(f"{root}: {rel}", f"is not a readable ONNX graph ({type(e).__name__})",
+                            "re-run `edgemed compress`") from None
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        contained_path(root, location, f"{rel}: external data of tensor {tensor.name}")
+        if location not in listed:
+            raise BadInputError(f"{root}: {rel}", f"reads tensor {tensor.name} from '{location}', which the manifest "
+                                "does not list", "re-run `edgemed compress`")

@@ -44,6 +44,19 @@ class TensorrtBackend(FormatBackend):
                 f"{workspace / GB:.2f} GB + CUDA context), but {target.name} leaves {target.usable_memory_gb:g} GB"]
 
     @classmethod
+    def required_files(cls, manifest) -> list[str]:
+        from edgemed.formats.onnx import OnnxBackend
+
+        engines = (manifest.runtime.get("trt") or {}).get("engines") or {}
+        return [*OnnxBackend.required_files(manifest), "trt_profiles.json", *engines.values()]
+
+    @classmethod
+    def check_files(cls, root, manifest) -> None:
+        from edgemed.formats.onnx import OnnxBackend
+
+        OnnxBackend.check_files(root, manifest)  # the Q/DQ graphs are ONNX
+
+    @classmethod
     def open_session(cls, path, manifest, **kwargs):
         # TensorRT engines where `edgemed build-engine` built them and tensorrt imports; otherwise
         # the same Q/DQ ONNX graphs on ONNX Runtime (host parity, a machine without TensorRT).
