@@ -1,5 +1,6 @@
 """Where edgemed's files are: the shipped recipes/ and targets/ folders (the source checkout, or a
-wheel's share/), and the cache folder models, calibration sets and checkpoints are built in."""
+wheel's share/), the cache folder models, calibration sets and checkpoints are built in, and
+whether the Hugging Face hub may be asked for anything at all (offline unless the user says so)."""
 from __future__ import annotations
 
 import os
@@ -24,3 +25,12 @@ def shipped_names(kind: str) -> list[str]:
 def cache_dir() -> Path:
     """edgemed's cache: $EDGEMED_HOME, else ~/.cache/edgemed."""
     return Path(os.environ.get("EDGEMED_HOME", Path.home() / ".cache" / "edgemed"))
+
+
+ONLINE_ENV = "EDGEMED_ONLINE"
+OFFLINE_FIX = f"edgemed works offline: pass --online (or set {ONLINE_ENV}=1) to let it download this once"
+
+
+def online() -> bool:
+    """Nothing leaves the machine unless the user asked: `edgemed --online` or EDGEMED_ONLINE=1."""
+    return os.environ.get(ONLINE_ENV) == "1"

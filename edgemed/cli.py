@@ -18,6 +18,17 @@ console = Console()
 err = Console(stderr=True)
 
 
+@app.callback()
+def _options(online: bool = typer.Option(False, "--online", help="Let edgemed download from the Hugging Face hub "
+                                         "(models, suites). Default: offline, nothing leaves the machine.")):
+    import os
+
+    from edgemed._resources import ONLINE_ENV
+
+    if online:
+        os.environ[ONLINE_ENV] = "1"
+
+
 def _progress():
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -253,26 +264,28 @@ def build_engine(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps edgemed's errors to the exit codes of DESIGN.md."""
+    """Entry point: maps edgemed's errors to the exit codes of DESIGN.md. Usage errors (an unknown
+    option, a missing argument) are click's own: usage and the error on stderr, exit code 2."""
+    import os
+
+    from edgemed._resources import ONLINE_ENV
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if "--online" not in args and os.environ.get(ONLINE_ENV) != "1":
+        # Before huggingface_hub is imported: it reads these once. edgemed passes local_files_only
+        # itself; this keeps every other hub call (telemetry, update checks) off the network too.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=args, standalone_mode=True)
         return 0
     except EdgemedError as e:
         from rich.markup import escape
 
         err.print(f"[red]error[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         return e.exit_code
-    except (typer.Exit, SystemExit) as e:
-        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return 2
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
+    except SystemExit as e:  # standalone click: success, --help, usage errors (2), typer.Exit(code)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
 
 
 if __name__ == "__main__":

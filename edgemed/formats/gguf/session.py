@@ -107,7 +107,7 @@ class GgufSession(PromptAndPixels, GreedyGeneration):
         self._ctx = self.llm._ctx.ctx
         self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model))
         self.n_embd = lc.llama_model_n_embd(self._model)
-        self.n_ctx = ctx_len
+        self.n_ctx = self.context_tokens = ctx_len
         self._mtmd = None
         self._image_non_causal = False
 

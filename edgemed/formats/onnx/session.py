@@ -46,6 +46,8 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         self._has_token_type_ids = "token_type_ids" in ins
         self._shared_kv = manifest.runtime.get("kv_cache") == "shared_buffer"
         self.n_layers = self.text["num_layers"]
+        # The most positions the model holds (RoPE's trained range); generate() never plans past it.
+        self.context_tokens = int(self.text.get("max_position_embeddings") or 2048)
         self.eos = set(self.text.get("eos_token_ids") or [])
 
     # --- building blocks (also used by parity and the benchmark) ------------------------------

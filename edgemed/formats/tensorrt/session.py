@@ -212,6 +212,7 @@ class TrtSession(OnnxSession):
         self._has_token_type_ids = "token_type_ids" in self.decoder.inputs
         self._shared_kv = False
         self.n_layers = self.text["num_layers"]
+        self.context_tokens = int(manifest.runtime["trt"]["max_context"])  # the engines' largest profile
         self.eos = set(self.text.get("eos_token_ids") or [])
 
     def forward(self, embeds: np.ndarray, past: ConcatKV, ids: np.ndarray | None = None):
