@@ -165,3 +165,26 @@ def test_synthetic_cxr_default_set_is_cached(tmp_path, monkeypatch):
     assert load_calibration_set(path.name)[0][1] == pairs[0][1]  # a cached set by name
     with pytest.raises(BadInputError, match="no such set"):
         load_calibration_set("no-such-set")
+
+
+def test_a_crafted_modality_never_reaches_an_output(tmp_path, capsys):
+    """DICOM Modality is a code string a sending system fills as it likes; only DICOM's defined terms
+    (PS3.3 C.7.3.1.1.1) may reach calibration.json, file names or stdout."""
+    from edgemed.imaging import describe_medical_image
+
+    src = tmp_path / "in"
+    src.mkdir()
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Modality = "DOE JANE"
+    ds.save_as(src / "crafted.dcm")
+    shutil.copy(get_testdata_file("MR_small.dcm"), src / "MR_small.dcm")
+    assert describe_medical_image(src / "crafted.dcm")["modality"] == "unknown"
+    assert describe_medical_image(src / "MR_small.dcm")["modality"] == "MR"
+    out = tmp_path / "set"
+    assert main(["calib", "build", str(src), "-o", str(out), "--count", "2"]) == 0
+    printed = capsys.readouterr()
+    written = "".join(p.read_text(errors="replace") for p in out.iterdir() if p.suffix in (".json", ".jsonl"))
+    names = " ".join(p.name for p in out.iterdir())
+    for text in (printed.out, printed.err, written, names):
+        assert "DOE" not in text and "JANE" not in text.upper()
+    assert json.loads((out / "calibration.json").read_text())["modalities"] == {"MR": 1, "unknown": 1}

@@ -113,6 +113,24 @@ def _scrub(text: str, ds: Any) -> str:
     return text
 
 
+# DICOM PS3.3 C.7.3.1.1.1 "Modality": the defined terms (current and retired). A Modality element is
+# free to hold anything a sending system put there (a crafted file held a patient's name); only
+# these terms ever leave this module, anything else reads "unknown".
+MODALITY_TERMS = frozenset("""
+    ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DMS DG DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD
+    IO IOL IVOCT IVUS KER KO LEN LS MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN
+    POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV
+    SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XAPROTOCOL XC
+    AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF
+""".split())
+
+
+def modality_term(value: Any) -> str:
+    """The DICOM Modality as a defined term, else "unknown" (never free text from the file)."""
+    s = str(value or "").strip().upper()
+    return s if s in MODALITY_TERMS else "unknown"
+
+
 def _cs(value: Any) -> str:
     """A code string fit for a message: only the characters the CS VR allows."""
     s = str(value or "").strip()
@@ -180,7 +198,7 @@ def _check_dicom_image(p: Path, ds: Any) -> tuple[str, int, int, int]:
                 "DICOM file ends after its File Meta header: it is empty or truncated",
                 "re-export or re-transfer the file",
             )
-        modality = _cs(ds.get("Modality", "")) if "Modality" in ds else "unknown"
+        modality = modality_term(ds.get("Modality", ""))
         raise BadInputError(
             str(p),
             f"DICOM file has no PixelData (modality {modality}): it is a non-image object "
@@ -367,7 +385,7 @@ def describe_dicom(p: Path) -> dict[str, Any]:
     with quiet_pydicom():
         ds = _read_dicom(p)
         photometric, rows, cols, frames = _check_dicom_image(p, ds)
-        modality = _cs(ds.get("Modality", "")) if ds.get("Modality", None) else None
+        modality = modality_term(ds.get("Modality", "")) if ds.get("Modality", None) else None
         ts = _ts(ds)
         return {
             "format": "dicom",
