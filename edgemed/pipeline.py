@@ -141,6 +141,16 @@ def compress(
     steps = [spec.build() for spec in recipe.steps]
     with writer as tmp:
         ctx = Context(cm=cm, recipe=recipe, target=tgt, work_dir=tmp, progress=say)
+        # Everything an artifact is judged by comes from the model the user gave, before any
+        # transform: the parity prompts' logits (gates) and the gate suite / device reference.
+        from edgemed.reference.cache import cache_parent_reference, compare_with_reference, gate_values
+        from edgemed.reference.parent import parity_prompt_logits
+
+        transformed = any(s.stage == "model" for s in steps)
+        original = parity_prompt_logits(cm) if transformed else None
+        say("parent reference and gate suite")
+        ref_rel = cache_parent_reference(cm, tmp)
+        ctx.describe(ref_rel, component="reference", fmt="npz", precision=None)
         if any(s.name == "distill" for s in steps):
             import copy
 
@@ -166,20 +176,15 @@ def compress(
             notes=ctx.notes,
         )
         session = open_session(tmp, manifest)
-        parity = check_parity(cm, session)
+        parity = check_parity(cm, session, original=original)
         manifest.parity = parity
         if not all(np.isfinite(parity[k]) for k in ("kld_mean", "logits_max_abs_diff")):
             # A broken artifact, whatever the gates say: nothing is written (the temp dir goes).
             raise EdgemedError(f"{recipe.name}: the exported artifact computes non-finite logits "
                                f"(parity {parity['kld_mean']}); this is a bug in edgemed's export for this "
                                "model: please report it with the recipe and the model's config.json")
-        # The parent's answers and logits on the gate suite, cached so a device without torch can
-        # measure fidelity (edgemed bench), and the flip-rate / closed-accuracy gates measured on it.
-        from edgemed.reference.cache import cache_parent_reference, compare_with_reference, gate_values
-
-        say("parent reference and gate suite")
-        ref_rel = cache_parent_reference(cm, tmp)
-        ctx.describe(ref_rel, component="reference", fmt="npz", precision=None)
+        # The original parent's answers and logits on the gate suite (cached above, so a device without
+        # torch measures fidelity against it too) give the flip-rate / closed-accuracy gates.
         gate_suite = compare_with_reference(session, tmp / ref_rel)
         del session
         manifest.gate_suite = gate_suite

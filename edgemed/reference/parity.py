@@ -72,9 +72,15 @@ def run_calibration(cm, calib) -> int:
     return tokens
 
 
-def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS) -> dict[str, Any]:
+def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS,
+                 original: list[np.ndarray] | None = None) -> dict[str, Any]:
     """Compare an artifact session (edgemed.runtime) with its parent on every prompt and position,
-    through the prefill path and through the KV-cache decode path."""
+    through the prefill path and through the KV-cache decode path.
+
+    `original`: the logits of the model as the user gave it on the same prompts
+    (reference.parent.parity_prompt_logits, taken before a prune / MoE transform changed `cm`). Then
+    the headline numbers (what gates judge) are against the original, and `transformed_parent`
+    keeps the same record against the transformed model (the export's own fidelity)."""
     result: dict[str, Any] = {"prompts": len(prompts)}
     pv = None
     if cm.multimodal:
@@ -84,28 +90,37 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS) -> dict[st
         result["vision_cosine_min"] = float(cos.min())
         result["vision_cosine_mean"] = float(cos.mean())
         result["vision_max_abs_diff"] = float(np.abs(ref_feats - got_feats).max())
-    prefill, decode, greedy = [], [], []
+    refs, gots, gots_dec = [], [], []
     for i, prompt in enumerate(prompts):
         with_image = pv is not None and i % 2 == 0
         ids = session.prompt_ids(prompt, with_image)
-        ref = parent_logits(cm, ids, pv if with_image else None)
-        got = session.logits(ids, pv if with_image else None)
-        got_dec = session.logits(ids, pv if with_image else None, decode_from=max(1, len(ids) // 2))
-        prefill.append((ref, got))
-        decode.append((ref, got_dec))
-        greedy.append(float((ref.argmax(-1) == got_dec.argmax(-1)).all()))
-    cat = lambda pairs, k: np.concatenate([p[k] for p in pairs])  # noqa: E731
-    result["prefill"] = compare_logits(cat(prefill, 0), cat(prefill, 1))
-    result["decode"] = compare_logits(cat(decode, 0), cat(decode, 1))
-    result["greedy_sequences_identical"] = float(np.mean(greedy))
-    # Headline numbers (the worse of the two paths), named as report.json names fidelity.
-    for k in ("kld_mean", "kld_p99", "logits_max_abs_diff"):
-        result[k] = max(result["prefill"][k], result["decode"][k])
-    result["top1_agreement"] = min(result["prefill"]["top1_agreement"], result["decode"]["top1_agreement"])
+        refs.append(parent_logits(cm, ids, pv if with_image else None))
+        gots.append(session.logits(ids, pv if with_image else None))
+        gots_dec.append(session.logits(ids, pv if with_image else None, decode_from=max(1, len(ids) // 2)))
+    if original is not None:
+        if [o.shape for o in original] != [r.shape for r in refs]:
+            raise ValueError("the original parent's parity logits do not cover the same prompts")
+        result.update(_fidelity(original, gots, gots_dec), reference="original parent (before transforms)")
+        result["transformed_parent"] = _fidelity(refs, gots, gots_dec)
+    else:
+        result.update(_fidelity(refs, gots, gots_dec), reference="original parent")
     # Facts a runtime states about its own path (e.g. a known upstream bug), next to the numbers.
     if hasattr(session, "parity_record"):
         result.update(session.parity_record())
     return result
+
+
+def _fidelity(refs: list[np.ndarray], gots: list[np.ndarray], gots_dec: list[np.ndarray]) -> dict[str, Any]:
+    """Prefill and KV-cache decode comparisons, and the headline (the worse of the two paths), named
+    as report.json names fidelity."""
+    out: dict[str, Any] = {"prefill": compare_logits(np.concatenate(refs), np.concatenate(gots)),
+                           "decode": compare_logits(np.concatenate(refs), np.concatenate(gots_dec)),
+                           "greedy_sequences_identical": float(np.mean(
+                               [(r.argmax(-1) == g.argmax(-1)).all() for r, g in zip(refs, gots_dec)]))}
+    for k in ("kld_mean", "kld_p99", "logits_max_abs_diff"):
+        out[k] = max(out["prefill"][k], out["decode"][k])
+    out["top1_agreement"] = min(out["prefill"]["top1_agreement"], out["decode"]["top1_agreement"])
+    return out
 
 
 GATE_METRICS = {
