@@ -28,8 +28,9 @@ class FormatBackend:
     """One artifact format. The base class is the layout of a recipe with no export step (plain
     widths, ONNX Runtime's default int4 blocks); each backend overrides what its files store.
 
-    An instance is bound to one recipe x target x model shape (`shape` carries the facts the
-    estimate needs: decoder_model_type, bidirectional_images) and answers the planner's questions."""
+    An instance is bound to one recipe x target x model shape (plan._ModelShape: parameter counts,
+    and the facts a layout depends on, e.g. `fp16_unsafe` and `builder_decoder`) and answers the
+    planner's questions."""
 
     name: ClassVar[str | None] = None
     # Precisions the format can store, and per component where that differs.
