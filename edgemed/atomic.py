@@ -42,8 +42,9 @@ def stale_siblings(out: str | Path) -> list[Path]:
     if not out.parent.is_dir():
         return []
     stale = []
-    for p in sorted(out.parent.glob(f".{out.name}.*")):
-        if not p.is_dir() or p.is_symlink() or not p.name[len(out.name) + 1:].startswith(TMP_MARK):
+    prefix = f".{out.name}{TMP_MARK}"
+    for p in sorted(out.parent.iterdir()):
+        if not p.name.startswith(prefix) or not p.is_dir() or p.is_symlink():
             continue
         try:
             who = json.loads((p / WRITER_FILE).read_text())
