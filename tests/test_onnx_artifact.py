@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -245,3 +246,16 @@ def test_shared_kv_cache_decodes_through_its_kept_binding_and_growth(artifact):
         rows.append(step)
     assert past.capacity == 512
     np.testing.assert_allclose(np.concatenate(rows), full, atol=1e-4)
+
+
+def test_graphs_carry_no_path_of_the_machine_that_exported_them(artifact):
+    """torch.onnx's per-node stack traces hold the exporting machine's absolute paths; an artifact a
+    clinic deploys carries none (and stays byte-identical across checkouts of the same edgemed)."""
+    import edgemed
+
+    here = str(Path(edgemed.__file__).resolve().parent.parent)
+    out = artifact("llava-siglip", "int8")
+    for graph in ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx"):
+        m = onnx.load(str(out / graph), load_external_data=False)
+        values = [p.value for n in m.graph.node for p in n.metadata_props]
+        assert values and not any(here in v for v in values), graph

@@ -26,6 +26,7 @@ from edgemed.models import CompositeModel
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_BYTES = 1_500_000_000  # ONNX protobufs cap at 2 GB
+TORCH_STACK_TRACE = "pkg.torch.onnx.stack_trace"  # node metadata torch.onnx writes; dropped after export
 
 
 def _torch():
@@ -259,5 +260,11 @@ def _tag_components(cm: CompositeModel, path: Path) -> None:
         if comp:
             entry = node.metadata_props.add()
             entry.key, entry.value = COMPONENT_KEY, comp
+        # torch.onnx records the Python stack of every op: absolute paths of the machine that exported
+        # it (a user's home folder, in an artifact a clinic deploys) and lines that change with any edit.
+        kept = [p for p in node.metadata_props if p.key != TORCH_STACK_TRACE]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
     # Loaded without external data: tensors keep pointing at the existing .data file.
     onnx.save(model, str(path))
