@@ -45,6 +45,7 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle (.bin) checkpoints; they can run code when loaded."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own Python code."),
+    vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="Folder of the CLIP tower that a LLaVA-Med-style checkpoint names in mm_vision_tower."),
 ):
     """Compress MODEL with the recipe(s) for the target into an artifact folder with manifest.json."""
     from edgemed.pipeline import compress as run
@@ -52,7 +53,8 @@ def compress(
     with _progress() as prog:
         task = prog.add_task("start", total=None)
         result = run(model, recipe or None, target, output, overwrite=overwrite, allow_pickle=allow_pickle,
-                     trust_remote_code=trust_remote_code, progress=lambda m: prog.update(task, description=m))
+                     trust_remote_code=trust_remote_code, progress=lambda m: prog.update(task, description=m),
+                     vision_tower=vision_tower)
         prog.update(task, description="done")
     _print_artifact(result.manifest, result.output)
 
@@ -100,6 +102,7 @@ def plan(
         None, help="Context length (tokens) for the KV-cache estimate; default 2048, or the longest that fits "
                    "the target if that still holds one image and a short exchange."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="Folder of the CLIP tower that a LLaVA-Med-style checkpoint names in mm_vision_tower."),
 ):
     """Check recipe x target x model before any heavy work: sizes, memory, decode ceiling."""
     from edgemed.demo import resolve_model
@@ -107,7 +110,7 @@ def plan(
     from edgemed.plan import check_feasible, plan as make_plan
 
     r, tgt = resolve(recipe or None, target)
-    p = make_plan(resolve_model(model), r, tgt, context_tokens=context)
+    p = make_plan(resolve_model(model), r, tgt, context_tokens=context, vision_tower=vision_tower)
     if json_out:
         console.print_json(json.dumps(p.to_dict()))
     else:
@@ -261,6 +264,25 @@ def build_engine(
     console.print(f"built {len(rec['engines'])} engine(s) with TensorRT {b['tensorrt']} (CUDA {b['cuda_runtime']}, "
                   f"{b['gpu']} {b['compute_capability']}, L4T {b['l4t']}, power mode "
                   f"{(b['power_mode'] or {}).get('summary')}); manifest updated")
+
+
+@app.command()
+def convert(
+    model: str = typer.Argument(..., help="Model folder (e.g. LLaVA-Med v1.5 as published) or hub id."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write (a plain Hugging Face model folder)."),
+    vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="Folder of the CLIP tower the checkpoint names in mm_vision_tower."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle (.bin) checkpoints; they can run code when loaded."),
+):
+    """Write MODEL, normalised into its edgemed family, as a transformers folder (safetensors)."""
+    from edgemed.models.convert import convert as run
+
+    with _progress() as prog:
+        task = prog.add_task("load", total=None)
+        out = run(model, output, vision_tower=vision_tower, overwrite=overwrite, allow_pickle=allow_pickle,
+                  progress=lambda m: prog.update(task, description=m))
+        prog.update(task, description="done")
+    console.print(f"wrote {out}: a transformers model folder (AutoModelForImageTextToText / AutoProcessor load it)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,12 +106,14 @@ def compress(
     trust_remote_code: bool = False,
     progress: Callable[[str], None] | None = None,
     skip_plan: bool = False,
+    vision_tower: str | None = None,
 ) -> CompressResult:
     """Compress MODEL (None = the bundled demo model) with the recipe(s) (names, YAML files or Recipe
     objects; None: int8) for the target (None: this host's CPU) into `output` (None: default_output).
 
     Raises BadInputError / InfeasiblePlanError (exit 2) before any heavy work, and GateFailedError
-    (exit 3) after writing an artifact whose manifest says `rejected`."""
+    (exit 3) after writing an artifact whose manifest says `rejected`. `vision_tower`: the folder of
+    the CLIP tower a LLaVA-Med-style checkpoint names in mm_vision_tower (default: that name)."""
     from edgemed.demo import resolve_model
     from edgemed.reference.parity import check_parity, evaluate_gates
 
@@ -128,7 +130,7 @@ def compress(
     if not skip_plan:
         from edgemed.plan import check_feasible, plan
 
-        p = plan(source, recipe, tgt)
+        p = plan(source, recipe, tgt, vision_tower=vision_tower)
         check_feasible(p)
         plan_dict = p.to_dict()
     if recipe.format is None:
@@ -137,7 +139,7 @@ def compress(
         raise BadInputError(f"recipe {recipe.name}", "has no export step, so it would write no artifact",
                             "add a format recipe, e.g. --recipe int8")
     say(f"load {source}")
-    cm = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    cm = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, vision_tower=vision_tower)
     steps = [spec.build() for spec in recipe.steps]
     with writer as tmp:
         ctx = Context(cm=cm, recipe=recipe, target=tgt, work_dir=tmp, progress=say)

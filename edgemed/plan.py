@@ -120,17 +120,19 @@ class Plan(BaseModel):
 
 # --- the public API ------------------------------------------------------------------------
 
-def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int | None = None) -> Plan:
+def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int | None = None,
+         vision_tower: str | None = None) -> Plan:
     """Estimate sizes, run-time memory and the decode ceiling, and list every reason the
     combination cannot run. Reads config.json only: a folder holding just that is enough.
 
     context_tokens None: DEFAULT_CONTEXT_TOKENS, or, where only the KV cache keeps the plan from
     fitting, the longest context that fits if it still holds one image and a short exchange
     (image tokens + MIN_TURN_TOKENS), as one would start llama.cpp with `-c`; the plan says so in
-    its notes. A context given explicitly is planned as given."""
+    its notes. A context given explicitly is planned as given. `vision_tower`: the CLIP tower's folder
+    for a LLaVA-Med-style checkpoint that names it in mm_vision_tower."""
     from edgemed.models import adapter_for, load_config
 
-    config = load_config(model_source)
+    config = load_config(model_source, vision_tower=vision_tower)
     adapter = adapter_for(config, model_source)
     config = _apply_step_config_hooks(recipe, config)
     shape = _ModelShape.from_config(adapter, config)

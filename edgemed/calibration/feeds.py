@@ -21,7 +21,7 @@ def decoder_feeds(cm: "CompositeModel", source: str | None, count: int) -> list[
     feeds = []
     for prompt, answer, image in calib.samples:
         with_image = image is not None and cm.multimodal
-        ids = torch.tensor(cm.tokenizer(cm.build_prompt(prompt, with_image) + answer, add_special_tokens=False).input_ids)
+        ids = torch.from_numpy(cm.prompt_ids(prompt, with_image, answer))
         with torch.no_grad():
             emb = embed(ids[None]).float()
             image_mask = ids == cm.image.image_token_id if cm.multimodal else torch.zeros_like(ids, dtype=torch.bool)

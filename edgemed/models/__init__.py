@@ -8,8 +8,8 @@ from typing import Any
 
 from edgemed._resources import OFFLINE_FIX, online
 from edgemed.errors import BadInputError
-from edgemed.models.base import (FAMILIES, Adapter, DecoderFacts, ImageFacts, TextFacts, count_params, decoder_facts,
-                                 family_for, model_types, text_facts)
+from edgemed.models.base import (FAMILIES, Adapter, DecoderFacts, ImageFacts, Normaliser, TextFacts, count_params,
+                                 decoder_facts, family_for, model_types, normaliser_for, text_facts)
 
 __all__ = [
     "CompositeModel", "FAMILIES", "ImageFacts", "TextFacts", "load_model", "load_config",
@@ -48,26 +48,60 @@ class CompositeModel:
     def image_features(self, pixel_values):
         return self.adapter.image_features(self.model, pixel_values)
 
-    def build_prompt(self, prompt: str, with_image: bool) -> str:
-        """The chat-formatted prompt with the image placeholder expanded, exactly as the runtime
-        builds it (edgemed.runtime.prompt) so parity compares the same token ids."""
-        from edgemed.runtime.prompt import render_prompt
+    @property
+    def chat(self):
+        """How this model turns a conversation into ids, exactly as the runtime does
+        (edgemed.runtime.prompt.ChatFormat), so parity compares the same token ids."""
+        from edgemed.runtime.prompt import ChatFormat
 
-        return render_prompt(self.chat_template, prompt, self.image.to_dict() if (with_image and self.image) else None,
-                             bos_token=self.text.bos_token)
+        return ChatFormat.of_record(self.text.to_dict(), self.image.to_dict() if self.image else None,
+                                    self.chat_template)
+
+    def build_prompt(self, prompt: str, with_image: bool) -> str:
+        """The rendered text of one user turn (images expanded)."""
+        from edgemed.runtime.prompt import user_turn
+
+        return self.chat.render(user_turn(prompt, with_image and self.image is not None))
+
+    def prompt_ids(self, prompt: str, with_image: bool, answer: str = ""):
+        """Token ids of one user turn (and, for teacher forcing, the answer after it)."""
+        import numpy as np
+
+        chat = self.chat
+        ids = chat.tokenize(self.tokenizer, self.build_prompt(prompt, with_image) + answer)
+        return np.asarray(ids, dtype=np.int64)
 
 
 def adapter_for(config, what: str) -> type[Adapter]:
     mt = getattr(config, "model_type", None)
     adapter = family_for(mt)
     if adapter is None:
-        raise BadInputError(
-            what,
-            f"unknown architecture (model_type '{mt}')",
-            f"edgemed supports model_type {', '.join(model_types())}; convert the model or add an adapter "
-            "in edgemed/models/families/",
-        )
+        raise unsupported(what, mt)
     return adapter
+
+
+def unsupported(what: str, model_type: str | None, raw: dict | None = None) -> BadInputError:
+    """The refusal for a model_type edgemed cannot load: the exact reason where edgemed knows the
+    model (refusals.KNOWN), else the supported families."""
+    from edgemed.models.refusals import known_refusal
+
+    known = known_refusal(raw or {"model_type": model_type})
+    if known:
+        return BadInputError(what, known[0], known[1])
+    return BadInputError(
+        what, f"unknown architecture (model_type '{model_type}')",
+        f"edgemed supports model_type {', '.join(model_types())}, and converts checkpoints of the original "
+        "LLaVA code (llava_mistral, llava_llama: LLaVA-Med v1.5) with `edgemed convert`; for another "
+        "architecture add an adapter in edgemed/models/families/")
+
+
+def raw_config(source: str) -> dict | None:
+    """config.json of a local folder as written (None for a hub id, a GGUF file or an unreadable file)."""
+    p = Path(source) / "config.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _split_gguf(source: str) -> tuple[str, str | None]:
@@ -79,16 +113,26 @@ def _split_gguf(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def load_config(source: str, trust_remote_code: bool = False):
-    """The model's config (from a folder holding only config.json, a hub id, or a GGUF file)."""
+def load_config(source: str, trust_remote_code: bool = False, vision_tower: str | None = None):
+    """The model's config (from a folder holding only config.json, a hub id, or a GGUF file); a
+    checkpoint of a model's own code (LLaVA-Med) as the config of the family it is normalised into."""
     from transformers import AutoConfig
 
+    raw = raw_config(source)
+    normaliser = normaliser_for(raw)
+    if normaliser is not None:
+        return normaliser.config(Path(source), raw, vision_tower)
     base, gguf_file = _split_gguf(source)
     p = Path(base)
     if p.exists() and p.is_dir() and gguf_file is None and not (p / "config.json").exists():
         raise BadInputError(source, "folder has no config.json", "point at a Hugging Face model folder or hub id")
     if not p.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise BadInputError(source, "no such folder", "check the path, or give a hub id like org/name")
+    if raw is not None and not trust_remote_code and raw.get("model_type") not in model_types():
+        from transformers import CONFIG_MAPPING
+
+        if raw.get("model_type") not in CONFIG_MAPPING:  # transformers would only say "unrecognized"
+            raise unsupported(source, raw.get("model_type"), raw)
     try:
         return AutoConfig.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
                                           local_files_only=not online())
@@ -125,14 +169,17 @@ def _component_counts(adapter, model) -> dict[str, int]:
     return counts
 
 
-def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> CompositeModel:
-    """Load for export/compression: fp32, eval mode, safetensors only unless allow_pickle."""
+def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+               vision_tower: str | None = None) -> CompositeModel:
+    """Load for export/compression: fp32, eval mode, safetensors only unless allow_pickle.
+    `vision_tower`: the folder of the CLIP tower a LLaVA-Med-style checkpoint names (mm_vision_tower)."""
     import torch
     from transformers import AutoProcessor, AutoTokenizer
 
     base, gguf_file = _split_gguf(source)
-    config = load_config(source, trust_remote_code)
+    config = load_config(source, trust_remote_code, vision_tower)
     adapter = adapter_for(config, source)
+    normaliser = normaliser_for(raw_config(source))
     files: list[Path] = []
     p = Path(base)
     if p.is_dir():
@@ -157,7 +204,10 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
     else:
         kwargs["use_safetensors"] = None if allow_pickle else True
     try:
-        model = adapter.model_class().from_pretrained(base, **kwargs).eval()
+        if normaliser is not None:
+            model = _normalised_model(normaliser, Path(base), config, vision_tower, allow_pickle, adapter)
+        else:
+            model = adapter.model_class().from_pretrained(base, **kwargs).eval()
         tokenizer = AutoTokenizer.from_pretrained(base, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
                                                   local_files_only=not online())
     except (OSError, ValueError) as e:
@@ -165,7 +215,9 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
         raise BadInputError(source, f"could not load the model ({_short(e)})",
                             fix + ("" if online() or p.exists() else f"; {OFFLINE_FIX}")) from None
     processor = None
-    if adapter.multimodal:
+    if normaliser is not None:
+        processor = normaliser.processor(Path(base), raw_config(source), config, tokenizer, vision_tower)
+    elif adapter.multimodal:
         try:
             processor = AutoProcessor.from_pretrained(base, trust_remote_code=trust_remote_code,
                                                       local_files_only=not online())
@@ -180,6 +232,21 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
         tokenizer=tokenizer, processor=processor, image=image, text=text_facts(adapter, config, tokenizer),
         source_files=files, chat_template=template if isinstance(template, str) else None,
     )
+
+
+def _normalised_model(normaliser: type[Normaliser], folder: Path, config, vision_tower, allow_pickle, adapter):
+    import torch
+
+    from transformers.initialization import no_init_weights
+
+    state = normaliser.state_dict(folder, raw_config(str(folder)), config, vision_tower, allow_pickle)
+    with no_init_weights():  # every weight comes from the checkpoint: skip the random init
+        model = adapter.model_class()(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise BadInputError(str(folder), f"does not hold a complete {normaliser.what} (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]})", "check that every *.safetensors shard is present")
+    return model.eval()
 
 
 def check_safetensors(path: Path) -> None:

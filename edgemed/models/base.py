@@ -101,6 +101,7 @@ class ImageFacts:
     suffix: str = ""  # text after it
     placeholder: str = "<image>"  # what a user prompt writes where the image goes
     shortest_edge: int | None = None  # for shortest_edge_center_crop
+    pad_to_square: bool = False  # first pad to a square with the mean colour (LLaVA's image_aspect_ratio "pad")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,6 +119,11 @@ class TextFacts:
     bos_token: str | None = None
     max_position_embeddings: int = 2048
     decoder_model_type: str = ""
+    # What the chat template sees (tokenizer.special_tokens_map: bos_token, eos_token, ...) and
+    # whether the tokenizer's own special tokens are added to the rendered text (a VLM's processor
+    # does unless the text starts with BOS; a text LLM's apply_chat_template never does).
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    add_special_tokens: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,6 +209,49 @@ class Adapter:
         return None
 
 
+_NORMALISERS: list[type["Normaliser"]] = []
+
+
+class Normaliser:
+    """Builds the transformers model of an edgemed family from a checkpoint folder that a model's own
+    repository code wrote (its config's model_type is not a transformers one), without running that
+    code: a config, a renamed state dict, a processor. `edgemed convert` saves the result as a plain
+    Hugging Face folder; `compress` and `plan` use it in memory."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    what: ClassVar[str]
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _NORMALISERS.append(cls)
+
+    @classmethod
+    def matches(cls, raw: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def config(cls, folder: Path, raw: dict[str, Any], vision_tower: str | None = None):
+        raise NotImplementedError
+
+    @classmethod
+    def state_dict(cls, folder: Path, raw: dict[str, Any], config, vision_tower: str | None,
+                   allow_pickle: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def processor(cls, folder: Path, raw: dict[str, Any], config, tokenizer, vision_tower: str | None):
+        raise NotImplementedError
+
+
+def normaliser_for(raw: dict[str, Any] | None) -> type[Normaliser] | None:
+    """The normaliser for a checkpoint's raw config.json, or None."""
+    if not raw:
+        return None
+    FAMILIES._load()
+    return next((n for n in _NORMALISERS if n.matches(raw)), None)
+
+
 def text_facts(adapter: type[Adapter], config, tokenizer=None) -> TextFacts:
     tc = adapter.text_config(config)
     heads = tc.num_attention_heads
@@ -225,7 +274,16 @@ def text_facts(adapter: type[Adapter], config, tokenizer=None) -> TextFacts:
         bos_token=getattr(tokenizer, "bos_token", None) if tokenizer is not None else None,
         max_position_embeddings=getattr(tc, "max_position_embeddings", 2048),
         decoder_model_type=tc.model_type,
+        special_tokens=special_tokens_of(tokenizer),
+        add_special_tokens=adapter.multimodal,
     )
+
+
+def special_tokens_of(tokenizer) -> dict[str, str]:
+    """The template variables transformers passes from a tokenizer (its special_tokens_map)."""
+    if tokenizer is None:
+        return {}
+    return {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items() if isinstance(v, str)}
 
 
 def count_params(module: "nn.Module | None") -> int:

@@ -41,9 +41,11 @@ class ParentSession(GreedyGeneration):
         self._cache_kw = "cache" if "cache" in inspect.signature(cm.model.forward).parameters else "past_key_values"
 
     # --- building blocks ----------------------------------------------------------------------
+    def conversation_ids(self, messages, add_generation_prompt: bool = True) -> np.ndarray:
+        return self.cm.chat.ids(self.cm.tokenizer, messages, add_generation_prompt)
+
     def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray:
-        text = self.cm.build_prompt(prompt, with_image)
-        return np.asarray(self.cm.tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+        return self.cm.prompt_ids(prompt, with_image)
 
     def pixel_values(self, image) -> np.ndarray:
         from edgemed.runtime.preprocess import preprocess
@@ -69,7 +71,7 @@ class ParentSession(GreedyGeneration):
         emb = self._embed(t_ids)
         if feats is not None:
             pos = torch.from_numpy(np.flatnonzero(ids == self.image["image_token_id"]))
-            f = feats.reshape(-1, feats.shape[-1]).to(emb.dtype)
+            f = torch.as_tensor(feats).reshape(-1, feats.shape[-1]).to(emb.dtype)
             if len(pos) != len(f):
                 raise ValueError(f"prompt has {len(pos)} image tokens but the encoder gave {len(f)} features")
             emb = emb.clone()
@@ -102,13 +104,13 @@ class ParentSession(GreedyGeneration):
         logits, self._past = self._forward(np.asarray([token], np.int64), None, self._past)
         return logits
 
-    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64,
-                 stop_at_eos: bool = True) -> GenerationResult:
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True,
+                 **conversation) -> GenerationResult:
         """Greedy decoding with the parent's KV cache; times as in the artifact sessions."""
         import torch
 
         with torch.inference_mode():
-            return super().generate(image, prompt, max_new_tokens, stop_at_eos)
+            return super().generate(image, prompt, max_new_tokens, stop_at_eos, **conversation)
 
 
 def parity_prompt_logits(cm) -> list[np.ndarray]:

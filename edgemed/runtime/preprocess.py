@@ -44,6 +44,8 @@ def as_image(image: Any) -> Image.Image:
 def preprocess(image: Any, facts: dict[str, Any]) -> np.ndarray:
     """One image -> pixel_values [1, 3, S, S] float32, as the parent's processor computes it."""
     img = as_image(image)
+    if facts.get("pad_to_square"):
+        img = pad_to_square(img, tuple(int(m * 255) for m in facts["image_mean"]))
     resample = _RESAMPLE[facts["resample"]]
     size = facts["image_size"]
     if facts["resize_mode"] == "shortest_edge_center_crop":
@@ -61,3 +63,15 @@ def preprocess(image: Any, facts: dict[str, Any]) -> np.ndarray:
     x = np.asarray(img, dtype=np.float32) * np.float32(facts["rescale_factor"])
     x = (x - np.asarray(facts["image_mean"], np.float32)) / np.asarray(facts["image_std"], np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """Centre the image on a square of its longer side filled with the mean colour: LLaVA's
+    expand2square (LLaVA-Med's image_aspect_ratio "pad"), which LlavaImageProcessor's do_pad reproduces."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out

@@ -45,6 +45,8 @@ class Session(Protocol):
 
     def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray: ...
 
+    def conversation_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> np.ndarray: ...
+
     def pixel_values(self, image) -> np.ndarray: ...
 
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray: ...
@@ -52,8 +54,8 @@ class Session(Protocol):
     def logits(self, ids: np.ndarray, pixel_values: np.ndarray | None = None,
                decode_from: int | None = None) -> np.ndarray: ...
 
-    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64,
-                 stop_at_eos: bool = True) -> GenerationResult: ...
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True, *,
+                 messages: list[dict] | None = None, images: list | None = None) -> GenerationResult: ...
 
 
 class GreedyGeneration:
@@ -81,23 +83,31 @@ class GreedyGeneration:
         """Feed one token after the cache; return its logits."""
         raise NotImplementedError  # pragma: no cover
 
-    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64,
-                 stop_at_eos: bool = True) -> GenerationResult:
-        """Greedy decoding. Times count from the call (preprocessing and vision encoding included).
-        Decoding stops at an end-of-generation token (stop_at_eos), after max_new_tokens, or when the
-        context is full, whichever comes first; finish_reason says which."""
+    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True, *,
+                 messages: list[dict] | None = None, images: list | None = None) -> GenerationResult:
+        """Greedy decoding of the assistant's next turn.
+
+        Either a conversation, `messages` (system prompt, history; content a string or typed parts
+        with one {"type": "image"} per entry of `images`, in order), or the one-turn shortcut
+        `generate(image, prompt)`. Times count from the call (preprocessing and vision encoding
+        included). Decoding stops at an end-of-generation token (stop_at_eos), after
+        max_new_tokens, or when the context is full, whichever comes first; finish_reason says which."""
+        from edgemed.runtime.prompt import conversation
+
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise BadInputError("max_new_tokens", f"must be a positive integer, got {max_new_tokens!r}", "pass e.g. 64")
+        messages, images = conversation(messages, images, prompt, image)
         t0 = time.perf_counter()
         feats = None
         pre_s = vis_s = 0.0
-        if image is not None:
-            image_input = self._image_input(image)
+        if images:
+            inputs = [self._image_input(im) for im in images]
             t1 = time.perf_counter()
             pre_s = t1 - t0
-            feats = self._encode(image_input)
+            encoded = [np.asarray(self._encode(x)) for x in inputs]
+            feats = np.concatenate([e.reshape(-1, e.shape[-1]) for e in encoded]) if len(encoded) > 1 else encoded[0]
             vis_s = time.perf_counter() - t1
-        ids = self.prompt_ids(prompt, image is not None)
+        ids = self.conversation_ids(messages)
         context = int(self.context_tokens)
         if len(ids) >= context:
             raise BadInputError("prompt", f"{len(ids)} tokens (image tokens included) leave no room in the "

@@ -168,8 +168,7 @@ class Distill(Step):
 
         out = []
         for prompt, answer, image in calib.samples:
-            text = cm.build_prompt(prompt, image is not None) + answer
-            ids = np.asarray(cm.tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+            ids = cm.prompt_ids(prompt, image is not None, answer)
             pv = preprocess(image, cm.image.to_dict()) if image is not None else None
             out.append((ids, pv))
         return out

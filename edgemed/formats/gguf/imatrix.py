@@ -64,8 +64,7 @@ def compute_imatrix(cm: "CompositeModel", calib: "Calibration", progress=None) -
     tokens = 0
     try:
         for i, (prompt, answer, image) in enumerate(calib.samples):
-            text = cm.build_prompt(prompt, image is not None) + answer
-            ids = np.asarray(cm.tokenizer(text, add_special_tokens=False).input_ids, dtype=np.int64)
+            ids = cm.prompt_ids(prompt, image is not None, answer)
             pv = preprocess(image, cm.image.to_dict()) if image is not None else None
             parent_logits(cm, ids, pv)
             tokens += len(ids)

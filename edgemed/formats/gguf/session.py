@@ -25,7 +25,7 @@ import numpy as np
 
 from edgemed.errors import BadInputError, MissingDependencyError
 from edgemed.runtime.preprocess import as_image
-from edgemed.runtime.prompt import PromptAndPixels, render_prompt
+from edgemed.runtime.prompt import PromptAndPixels, user_turn
 from edgemed.runtime.session import GreedyGeneration
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -290,9 +290,11 @@ class GgufSession(PromptAndPixels, GreedyGeneration):
         # tokenizes with the GGUF's own vocabulary instead. State whether the two agree.
         agree = []
         for prompt in PARITY_PROMPTS:
-            text = render_prompt(self.chat_template, prompt, None, bos_token=self.text.get("bos_token"))
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-            agree.append(self.llm.tokenize(text.encode(), add_bos=False, special=True) == ids)
+            chat = self.chat
+            text = chat.render(user_turn(prompt, False))
+            ids = chat.tokenize(self.tokenizer, text)
+            plain = self.tokenizer.encode(text, add_special_tokens=False).ids
+            agree.append(self.llm.tokenize(text.encode(), add_bos=ids != plain, special=True) == ids)
         out["llama_cpp_tokenizer_agrees"] = all(agree)
         if self.mmproj_path is not None:
             import gguf

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from edgemed.models.base import ImageFacts, MmprojFacts
+from edgemed.models.families import llava_original  # noqa: F401  (checkpoints of the original LLaVA code)
 from edgemed.models.families._common import TowerProjectorDecoder, pil_resample_name, size_of
 
 
@@ -59,6 +60,7 @@ class LlavaAdapter(TowerProjectorDecoder):
             resample=pil_resample_name(getattr(ip, "resample", 3)),
             resize_mode=mode,
             shortest_edge=shortest,
+            pad_to_square=bool(getattr(ip, "do_pad", False)),
             rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
             num_image_tokens=n,
             image_token=token,

@@ -1,0 +1,219 @@
+"""Real checkpoints: tiny replicas built from the real files of published checkpoints
+(tests/fixtures/checkpoints/NAME/, each with a README naming its sources), checked against the
+transformers processor built from those same files, and LLaVA-Med v1.5 against a forward written
+from LLaVA-Med's own code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
+QUESTION = "Is there a pleural effusion?"
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory):
+    from edgemed.models.replica import build_replica
+
+    root = tmp_path_factory.mktemp("replicas")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = build_replica(FIXTURES / name, root / name, seed=0)
+        return cache[name]
+
+    return get
+
+
+def _image(w=400, h=300, seed=0):
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def _processor_inputs(cm, messages, images):
+    """What the transformers processor itself makes of the conversation (its own chat template call)."""
+    it = iter(images)
+    msgs = [{**m, "content": [{**p, "image": next(it)} if p["type"] == "image" else p for p in m["content"]]}
+            for m in messages]
+    return cm.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="np")
+
+
+CONVERSATIONS = {
+    "one turn": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+    "system and history": [
+        {"role": "system", "content": [{"type": "text", "text": "You are a radiology assistant."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A frontal chest x-ray."}]},
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]},
+    ],
+    "text only": [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
+}
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b-hf", "llava-med-v1.5-mistral-7b"])
+@pytest.mark.parametrize("conv", list(CONVERSATIONS))
+def test_ids_and_pixels_equal_the_transformers_processor(replica, name, conv):
+    """Token for token and pixel for pixel (1e-5) what the processor built from the real files makes:
+    the real llava-hf template iterates typed parts and uses {% generation %}; a non-square image
+    goes through LLaVA-1.5's resize + centre crop, or LLaVA-Med's pad-to-square."""
+    from edgemed.models import load_model
+    from edgemed.runtime.preprocess import preprocess
+
+    cm = load_model(str(replica(name)))
+    messages = CONVERSATIONS[conv]
+    images = [_image()] if any(p["type"] == "image" for m in messages for p in m["content"]) else []
+    ref = _processor_inputs(cm, messages, images)
+    ids = cm.chat.ids(cm.tokenizer, messages)
+    assert ids.tolist() == ref["input_ids"][0].tolist()
+    assert QUESTION in cm.tokenizer.decode(ids)  # the question is never dropped
+    if images:
+        assert int((ids == cm.image.image_token_id).sum()) == cm.image.num_image_tokens == 576
+        pv = preprocess(images[0], cm.image.to_dict())
+        assert pv.shape == ref["pixel_values"].shape
+        assert np.abs(pv - ref["pixel_values"]).max() < 1e-5
+
+
+def test_llava_med_pads_to_square_with_the_mean_colour(replica):
+    """image_aspect_ratio "pad": LLaVA's expand2square (background = int(mean * 255)), then CLIP's
+    resize and crop; a crop alone would cut the sides of a wide image off."""
+    from edgemed.models import load_model
+    from edgemed.runtime.preprocess import preprocess
+
+    med, hf = load_model(str(replica("llava-med-v1.5-mistral-7b"))), load_model(str(replica("llava-1.5-7b-hf")))
+    assert med.image.pad_to_square and not hf.image.pad_to_square
+    wide = _image(w=600, h=200)
+    top = preprocess(wide, med.image.to_dict())[0, :, :40]  # the padded band above the image
+    fill = (np.asarray([int(m * 255) for m in med.image.image_mean]) / 255 - med.image.image_mean) / med.image.image_std
+    assert np.allclose(top, fill[:, None, None], atol=0.02)
+
+
+def test_llava_med_normalised_equals_its_own_forward(replica):
+    """The folder as LLaVA-Med publishes it (llava_mistral, model.mm_projector.{0,2}, the CLIP tower
+    in its own folder) loads without LLaVA-Med's code, and its logits equal a forward written from
+    llava/model/llava_arch.py: CLIP hidden_states[mm_vision_select_layer][:, 1:] -> mm_projector,
+    spliced where the prompt holds IMAGE_TOKEN_INDEX (-200)."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import load_file
+
+    from edgemed.models import load_model
+    from edgemed.reference.parity import parent_logits
+
+    folder = replica("llava-med-v1.5-mistral-7b")
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["model_type"] == "llava_mistral" and "model.mm_projector.0.weight" in load_file(folder / "model.safetensors")
+    cm = load_model(str(folder))
+    assert cm.family == "llava"
+    messages = CONVERSATIONS["one turn"]
+    ids = cm.chat.ids(cm.tokenizer, messages)
+    pv = cm.processor.image_processor(_image(), return_tensors="np")["pixel_values"]
+    ours = parent_logits(cm, ids, pv)
+
+    # LLaVA-Med's forward, from its own weights and code path.
+    state = load_file(folder / "model.safetensors")
+    fields = set(tf.MistralConfig().to_dict())
+    lm = tf.MistralForCausalLM(tf.MistralConfig(**{k: v for k, v in raw.items() if k in fields and k != "model_type"}))
+    lm.load_state_dict({k: v for k, v in state.items() if not k.startswith("model.mm_projector.")}, strict=True)
+    tower = tf.CLIPVisionModel.from_pretrained(raw["mm_vision_tower"]).eval()
+    projector = torch.nn.Sequential(torch.nn.Linear(raw["mm_hidden_size"], raw["hidden_size"]), torch.nn.GELU(),
+                                    torch.nn.Linear(raw["hidden_size"], raw["hidden_size"]))
+    projector.load_state_dict({k[len("model.mm_projector."):]: v for k, v in state.items()
+                               if k.startswith("model.mm_projector.")})
+    image_pos = np.flatnonzero(ids == cm.image.image_token_id)
+    med_ids = np.concatenate([ids[:image_pos[0]], [-200], ids[image_pos[-1] + 1:]])  # tokenizer_image_token's form
+    with torch.no_grad():
+        hs = tower(torch.from_numpy(pv), output_hidden_states=True).hidden_states[raw["mm_vision_select_layer"]]
+        feats = projector(hs[:, 1:])[0]  # mm_vision_select_feature "patch": drop CLS
+        cut = int(np.flatnonzero(med_ids == -200)[0])
+        embed = lm.get_input_embeddings()
+        before, after = embed(torch.from_numpy(med_ids[:cut])), embed(torch.from_numpy(med_ids[cut + 1:]))
+        embeds = torch.cat([before, feats, after])[None]
+        ref = lm(inputs_embeds=embeds).logits[0].numpy()
+    assert ref.shape == ours.shape
+    assert np.abs(ref - ours).max() < 1e-4
+
+
+def test_convert_writes_a_folder_transformers_loads_alone(replica, tmp_path):
+    """`edgemed convert` writes the normalised LLaVA-Med as a plain transformers folder: the Auto
+    classes load it without edgemed, and compute the same logits on the same processor inputs."""
+    import torch
+    import transformers as tf
+
+    from edgemed.cli import main
+    from edgemed.models import load_model
+    from edgemed.reference.parity import parent_logits
+
+    src = replica("llava-med-v1.5-mistral-7b")
+    out = tmp_path / "llava-med-hf"
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
+    model = tf.AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = tf.AutoProcessor.from_pretrained(out)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": QUESTION}]}]
+    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        theirs = model(**inputs).logits[0].numpy()
+    cm = load_model(str(src))
+    ours = parent_logits(cm, inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy())
+    assert np.abs(theirs - ours).max() < 1e-4
+    assert main(["convert", str(src), "-o", str(out)]) == 2  # exists, no --overwrite
+    assert main(["convert", str(src), "-o", str(out), "--overwrite"]) == 0
+
+
+def test_llava_med_without_its_vision_tower_names_the_fix(replica, tmp_path):
+    import shutil
+
+    from edgemed.errors import BadInputError
+    from edgemed.models import load_config
+
+    folder = tmp_path / "med"
+    shutil.copytree(replica("llava-med-v1.5-mistral-7b"), folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"  # as published: a hub id, not cached here
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(BadInputError, match="--vision-tower"):
+        load_config(str(folder))
+    assert load_config(str(folder), vision_tower=str(folder / "vision_tower")).model_type == "llava"
+
+
+@pytest.mark.parametrize("field,value", [("mm_projector_type", "linear"), ("mm_use_im_start_end", True),
+                                         ("image_aspect_ratio", "anyres")])
+def test_llava_variants_llava_cannot_compute_are_refused_by_field(replica, tmp_path, field, value):
+    import shutil
+
+    from edgemed.errors import BadInputError
+    from edgemed.models import load_config
+
+    folder = tmp_path / "med"
+    shutil.copytree(replica("llava-med-v1.5-mistral-7b"), folder)
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, field: value}))
+    with pytest.raises(BadInputError, match=field):
+        load_config(str(folder))
+
+
+@pytest.mark.parametrize("name,recipe", [("llava-1.5-7b-hf", "int8"), ("llava-med-v1.5-mistral-7b", "int8")])
+def test_replica_compresses_with_parity(replica, tmp_path, name, recipe):
+    """The real template and processor settings all the way through compress and the runtime: the
+    artifact's prompt ids are the processor's, and parity holds at every position."""
+    from edgemed.pipeline import compress
+    from edgemed.runtime import load
+
+    res = compress(str(replica(name)), [recipe], "cpu-x86-avx2", tmp_path / name)
+    p = res.manifest.parity
+    assert p["top1_agreement"] > 0.95 and p["kld_mean"] < 1e-3 and p["vision_cosine_min"] > 0.99
+    session = load(tmp_path / name)
+    from edgemed.models import load_model
+
+    cm = load_model(str(replica(name)))
+    for conv, messages in CONVERSATIONS.items():
+        assert session.conversation_ids(messages).tolist() == cm.chat.ids(cm.tokenizer, messages).tolist(), conv
+    out = session.generate(messages=CONVERSATIONS["system and history"], images=[_image()], max_new_tokens=4)
+    assert out.prompt_tokens > 576 and len(out.token_ids) >= 1
