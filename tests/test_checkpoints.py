@@ -119,7 +119,10 @@ def test_llava_med_normalised_equals_its_own_forward(replica):
     state = load_file(folder / "model.safetensors")
     fields = set(tf.MistralConfig().to_dict())
     lm = tf.MistralForCausalLM(tf.MistralConfig(**{k: v for k, v in raw.items() if k in fields and k != "model_type"}))
-    lm.load_state_dict({k: v for k, v in state.items() if not k.startswith("model.mm_projector.")}, strict=True)
+    # LLaVA's loader drops the checkpoint's tower copy and loads the tower from mm_vision_tower
+    # (microsoft/LLaVA-Med#105: "Some weights ... were not used: model.vision_tower.vision_tower...").
+    lm.load_state_dict({k: v for k, v in state.items() if not k.startswith(("model.mm_projector.", "model.vision_tower."))},
+                       strict=True)
     tower = tf.CLIPVisionModel.from_pretrained(raw["mm_vision_tower"]).eval()
     projector = torch.nn.Sequential(torch.nn.Linear(raw["mm_hidden_size"], raw["hidden_size"]), torch.nn.GELU(),
                                     torch.nn.Linear(raw["hidden_size"], raw["hidden_size"]))
@@ -168,13 +171,18 @@ def test_convert_writes_a_folder_transformers_loads_alone(replica, tmp_path):
 
 
 def test_llava_med_without_its_vision_tower_names_the_fix(replica, tmp_path):
+    """A LLaVA checkpoint saved without the tower copy, whose mm_vision_tower is not on this machine."""
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     from edgemed.errors import BadInputError
     from edgemed.models import load_config
 
     folder = tmp_path / "med"
     shutil.copytree(replica("llava-med-v1.5-mistral-7b"), folder)
+    state = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in state.items() if not k.startswith("model.vision_tower.")}, folder / "model.safetensors")
     raw = json.loads((folder / "config.json").read_text())
     raw["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"  # as published: a hub id, not cached here
     (folder / "config.json").write_text(json.dumps(raw))
@@ -209,6 +217,9 @@ def test_replica_compresses_with_parity(replica, tmp_path, name, recipe):
     res = compress(str(replica(name)), [recipe], "cpu-x86-avx2", tmp_path / name)
     p = res.manifest.parity
     assert p["top1_agreement"] > 0.95 and p["kld_mean"] < 1e-3 and p["vision_cosine_min"] > 0.99
+    # Checked by compress before the logits: the processor's own ids and pixels for the same conversations.
+    assert p["processor"]["checked"] and p["processor"]["ids_equal"], p["processor"]
+    assert p["processor"]["pixels_max_abs_diff"] < 1e-5
     session = load(tmp_path / name)
     from edgemed.models import load_model
 
@@ -217,3 +228,28 @@ def test_replica_compresses_with_parity(replica, tmp_path, name, recipe):
         assert session.conversation_ids(messages).tolist() == cm.chat.ids(cm.tokenizer, messages).tolist(), conv
     out = session.generate(messages=CONVERSATIONS["system and history"], images=[_image()], max_new_tokens=4)
     assert out.prompt_tokens > 576 and len(out.token_ids) >= 1
+
+
+def test_llava_med_as_published_uses_the_tower_copy_inside_it(replica, tmp_path):
+    """mm_vision_tower names a hub id this machine does not hold: the published checkpoint's own
+    copy of the frozen tower (model.vision_tower.vision_tower.vision_model.*) is used, its config
+    read off the tensor shapes and OpenAI CLIP's preprocessing; same logits as with the tower folder."""
+    import shutil
+
+    from edgemed.models import load_model
+    from edgemed.reference.parity import parent_logits
+
+    src = replica("llava-med-v1.5-mistral-7b")
+    folder = tmp_path / "med"
+    shutil.copytree(src, folder, ignore=shutil.ignore_patterns("vision_tower"))
+    raw = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**raw, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    published, with_folder = load_model(str(folder)), load_model(str(src))
+    messages = CONVERSATIONS["one turn"]
+    ids = published.chat.ids(published.tokenizer, messages)
+    assert ids.tolist() == with_folder.chat.ids(with_folder.tokenizer, messages).tolist()
+    from edgemed.runtime.preprocess import preprocess
+
+    pv = preprocess(_image(), published.image.to_dict())
+    assert np.array_equal(pv, preprocess(_image(), with_folder.image.to_dict()))
+    assert np.abs(parent_logits(published, ids, pv) - parent_logits(with_folder, ids, pv)).max() < 1e-5

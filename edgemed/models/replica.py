@@ -45,7 +45,7 @@ def shrink(cfg: dict[str, Any], sizes: dict[str, int] = SIZES) -> dict[str, Any]
     if isinstance(cfg.get("layer_types"), list):
         out["layer_types"] = cfg["layer_types"][:sizes["num_hidden_layers"]]
     if "mm_hidden_size" in cfg:
-        out["mm_hidden_size"] = VISION_SIZES["hidden_size"]
+        out["mm_hidden_size"] = 64
     return out
 
 
@@ -171,9 +171,11 @@ def _write_original_llava(facts: dict[str, Any], fixture: Path, out: Path) -> No
     raw = shrink(facts["config"])
     tower = out / "vision_tower"
     tower_fixture = fixture.parent / facts["replica"].get("vision_tower_fixture", "clip-vit-large-patch14-336")
-    vc = tf.CLIPVisionConfig(**{**VISION_SIZES, "image_size": 336, "patch_size": 14, "projection_dim": 64,
-                                "hidden_act": "quick_gelu"})
-    tf.CLIPVisionModel(vc).eval().save_pretrained(tower)
+    # One 64-wide head, as OpenAI CLIP's heads are (edgemed reads a tower copy's config off its shapes).
+    vc = tf.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                             image_size=336, patch_size=14, projection_dim=64, hidden_act="quick_gelu")
+    clip = tf.CLIPVisionModel(vc).eval()
+    clip.save_pretrained(tower)
     for name in ("preprocessor_config.json",):
         src = tower_fixture / name if (tower_fixture / name).is_file() else fixture.parent / "llava-1.5-7b-hf" / name
         shutil.copyfile(src, tower / name)
@@ -187,6 +189,8 @@ def _write_original_llava(facts: dict[str, Any], fixture: Path, out: Path) -> No
         layer = torch.nn.Linear(a, b)
         state[f"model.mm_projector.{i}.weight"] = layer.weight.detach().contiguous()
         state[f"model.mm_projector.{i}.bias"] = layer.bias.detach().contiguous()
+    # The published checkpoint carries a copy of the (frozen) tower too, which LLaVA's loader drops.
+    state.update({"model.vision_tower.vision_tower.vision_model." + k: v.contiguous() for k, v in clip.state_dict().items()})
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(raw, indent=2))
     extra = {"<unk>": 0, "<s>": 1, "</s>": 2}  # Mistral's sentencepiece specials (LLaVA-Med keeps its tokenizer)

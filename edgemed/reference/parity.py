@@ -80,7 +80,7 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS,
     (reference.parent.parity_prompt_logits, taken before a prune / MoE transform changed `cm`). Then
     the headline numbers (what gates judge) are against the original, and `transformed_parent`
     keeps the same record against the transformed model (the export's own fidelity)."""
-    result: dict[str, Any] = {"prompts": len(prompts)}
+    result: dict[str, Any] = {"prompts": len(prompts), "processor": processor_agreement(cm)}
     pv = None
     if cm.multimodal:
         pv = session.pixel_values(synthetic_test_image())
@@ -107,6 +107,52 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS,
     if hasattr(session, "parity_record"):
         result.update(session.parity_record())
     return result
+
+
+def processor_agreement(cm: CompositeModel) -> dict[str, Any]:
+    """Whether edgemed's prompt ids (and pixels) are what the model's own transformers processor
+    (for a text LLM: its tokenizer's apply_chat_template) makes of the same conversation: with and
+    without an image, with a system prompt and history. Checked before any logits are compared."""
+    from edgemed.runtime.preprocess import preprocess
+
+    convs = [[{"role": "user", "content": [{"type": "text", "text": PARITY_PROMPTS[0]}]}],
+             [{"role": "system", "content": [{"type": "text", "text": "You are a radiology assistant."}]},
+              {"role": "user", "content": [{"type": "text", "text": PARITY_PROMPTS[1]}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
+              {"role": "user", "content": [{"type": "text", "text": PARITY_PROMPTS[0]}]}]]
+    image = synthetic_test_image()
+    if cm.multimodal:
+        convs.append([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PARITY_PROMPTS[0]}]}])
+    if not cm.chat_template:
+        return {"checked": False, "reason": "the model has no chat template"}
+    if cm.multimodal and cm.processor is None:
+        return {"checked": False, "reason": "the model folder has no processor files"}
+    out: dict[str, Any] = {"checked": True, "conversations": len(convs), "ids_equal": True}
+    for conv in convs:
+        ours = cm.chat.ids(cm.tokenizer, conv)
+        try:
+            if cm.multimodal:
+                msgs = [{**m, "content": [{**p, "image": image} if p["type"] == "image" else p for p in m["content"]]}
+                        for m in conv]
+                ref = cm.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True, return_tensors="np", **cm.adapter.processor_kwargs)
+                theirs = ref["input_ids"][0]
+            else:
+                msgs = [{**m, "content": "".join(p["text"] for p in m["content"])} for m in conv]
+                theirs = np.asarray(cm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                                     return_dict=True)["input_ids"])
+        except Exception as e:  # a template that refuses a system turn refuses it in both
+            out.setdefault("skipped", []).append(f"{len(conv)} message(s): {str(e)[:120]}")
+            continue
+        if ours.tolist() != np.asarray(theirs).reshape(-1).tolist():
+            out["ids_equal"] = False
+            out.setdefault("differs", []).append({"messages": len(conv), "edgemed": len(ours), "processor": len(theirs)})
+        if cm.multimodal and "pixel_values" in ref:
+            theirs_pv = np.asarray(ref["pixel_values"]).reshape((-1,) + tuple(ref["pixel_values"].shape[-3:]))
+            mine = preprocess(image, cm.image.to_dict())
+            out["pixels_max_abs_diff"] = (float(np.abs(mine - theirs_pv).max()) if theirs_pv.shape == mine.shape
+                                          else f"shapes differ: {mine.shape} vs {theirs_pv.shape}")
+    return out
 
 
 def _fidelity(refs: list[np.ndarray], gots: list[np.ndarray], gots_dec: list[np.ndarray]) -> dict[str, Any]:

@@ -77,24 +77,34 @@ class OriginalLlava(Normaliser):
                                     "use a LLaVA-1.5-style checkpoint, or a transformers (llava-hf) conversion of it")
 
     @classmethod
-    def vision_tower(cls, folder: Path, raw: dict[str, Any], vision_tower: str | None) -> str:
-        """Where the CLIP tower's config and weights are: --vision-tower, else the config's
-        mm_vision_tower (a folder, or a hub id found in the local Hugging Face cache)."""
-        return vision_tower or raw["mm_vision_tower"]
+    def tower(cls, folder: Path, raw: dict[str, Any], vision_tower: str | None) -> str | None:
+        """Where the CLIP tower comes from, as LLaVA's own loader takes it (builder.py loads it from
+        mm_vision_tower and drops the checkpoint's copy): --vision-tower, else mm_vision_tower where
+        it is a folder or in the local Hugging Face cache; None: the copy inside the checkpoint."""
+        import transformers as tf
+
+        name = vision_tower or raw["mm_vision_tower"]
+        try:
+            tf.CLIPVisionConfig.from_pretrained(name, local_files_only=_offline())
+            return name
+        except (OSError, ValueError) as e:
+            if vision_tower or not _tower_keys(folder) or not str(raw["mm_vision_tower"]).startswith("openai/"):
+                raise BadInputError(str(folder), f"its vision tower {name!r} is not available "
+                                    f"({str(e).splitlines()[0][:160]})",
+                                    "pass --vision-tower DIR (a folder holding the CLIP tower's config.json, "
+                                    "preprocessor_config.json and model.safetensors)") from None
+            return None
 
     @classmethod
     def config(cls, folder: Path, raw: dict[str, Any], vision_tower: str | None = None):
         import transformers as tf
 
         cls.check(raw, str(folder))
-        tower = cls.vision_tower(folder, raw, vision_tower)
-        try:
+        tower = cls.tower(folder, raw, vision_tower)
+        if tower is not None:
             vc = tf.CLIPVisionConfig.from_pretrained(tower, local_files_only=_offline())
-        except (OSError, ValueError) as e:
-            raise BadInputError(str(folder), f"its vision tower {tower!r} (mm_vision_tower) is not available "
-                                f"({str(e).splitlines()[0][:160]})",
-                                "pass --vision-tower DIR (a folder holding the CLIP tower's config.json, "
-                                "preprocessor_config.json and model.safetensors)") from None
+        else:
+            vc = _tower_config_from_shapes(folder)
         decoder = _DECODERS[raw["model_type"]]
         text_cls = tf.AutoConfig.for_model(decoder).__class__
         fields = set(text_cls().to_dict())
@@ -117,30 +127,33 @@ class OriginalLlava(Normaliser):
         """The LlavaForConditionalGeneration state dict from the checkpoint's safetensors (and the tower's)."""
         from safetensors import safe_open
 
+        tower = cls.tower(folder, raw, vision_tower)
         out: dict[str, Any] = {}
-        tower_keys: dict[str, Any] = {}
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(str(f), "pt") as st:
                 for key in st.keys():
                     new = _rename(key)
-                    if new is None:
+                    if new is None or (tower is not None and new.startswith("model.vision_tower.")):
                         continue
-                    (tower_keys if new.startswith("model.vision_tower.") else out)[new] = st.get_tensor(key).float()
-        if not tower_keys:  # LLaVA checkpoints usually leave the tower out: it is loaded from mm_vision_tower
-            tower_keys = _tower_state(cls.vision_tower(folder, raw, vision_tower), config, allow_pickle, str(folder))
-        out.update(tower_keys)
+                    out[new] = st.get_tensor(key).float()
+        if tower is not None:
+            out.update(_tower_state(tower, config, allow_pickle, str(folder)))
         return out
 
     @classmethod
     def processor(cls, folder: Path, raw: dict[str, Any], config, tokenizer, vision_tower: str | None):
         import transformers as tf
 
-        tower = cls.vision_tower(folder, raw, vision_tower)
-        try:
-            base = tf.CLIPImageProcessor.from_pretrained(tower, local_files_only=_offline()).to_dict()
-        except (OSError, ValueError) as e:
-            raise BadInputError(str(folder), f"its vision tower {tower!r} has no preprocessor_config.json ({e})",
-                                "pass --vision-tower DIR holding the CLIP tower's preprocessor_config.json") from None
+        tower = cls.tower(folder, raw, vision_tower)
+        size = config.vision_config.image_size
+        if tower is not None:
+            try:
+                base = tf.CLIPImageProcessor.from_pretrained(tower, local_files_only=_offline()).to_dict()
+            except (OSError, ValueError) as e:
+                raise BadInputError(str(folder), f"its vision tower {tower!r} has no preprocessor_config.json ({e})",
+                                    "pass --vision-tower DIR holding the CLIP tower's preprocessor_config.json") from None
+        else:  # an OpenAI CLIP tower: CLIPImageProcessor's defaults are OpenAI's (mean/std, bicubic) at its size
+            base = tf.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).to_dict()
         keep = ("size", "crop_size", "do_center_crop", "do_resize", "do_rescale", "do_normalize", "rescale_factor",
                 "image_mean", "image_std", "resample", "do_convert_rgb")
         ip = tf.LlavaImageProcessor(**{k: base[k] for k in keep if k in base},
@@ -153,14 +166,47 @@ class OriginalLlava(Normaliser):
                                  image_token=token, num_additional_image_tokens=1, chat_template=template)
 
 
+_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+
+
+def _tower_keys(folder: Path) -> dict[str, tuple[int, ...]]:
+    """The CLIP tower tensors a LLaVA checkpoint carries (names after the prefix -> shapes), from
+    the safetensors headers alone."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key.startswith(_TOWER_PREFIX):
+                    shapes[key[len(_TOWER_PREFIX):]] = tuple(st.get_slice(key).get_shape())
+    return shapes
+
+
+def _tower_config_from_shapes(folder: Path):
+    """The CLIPVisionConfig of the tower copy inside a checkpoint, read off its tensor shapes; the
+    head count follows OpenAI CLIP's 64-wide heads (ViT-B 768/12, ViT-L 1024/16)."""
+    import transformers as tf
+
+    shapes = _tower_keys(folder)
+    hidden = shapes["embeddings.class_embedding"][0]
+    patch = shapes["embeddings.patch_embedding.weight"][-1]
+    positions = shapes["embeddings.position_embedding.weight"][0]
+    layers = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.layers."))
+    return tf.CLIPVisionConfig(hidden_size=hidden, intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
+                               num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), patch_size=patch,
+                               image_size=round((positions - 1) ** 0.5) * patch)
+
+
 def _rename(key: str) -> str | None:
     """An original-LLaVA key -> LlavaForConditionalGeneration's, None for what it does not hold."""
     if key.startswith("model.mm_projector."):
         i, rest = key[len("model.mm_projector."):].split(".", 1)
         return f"model.multi_modal_projector.linear_{ {'0': 1, '2': 2}[i] }.{rest}"
-    if key.startswith("model.vision_tower.vision_tower."):
-        rest = key[len("model.vision_tower.vision_tower."):]
-        return "model.vision_tower." + rest.removeprefix("vision_model.")
+    if key.startswith(_TOWER_PREFIX):
+        return "model.vision_tower." + key[len(_TOWER_PREFIX):]
+    if key.startswith("model.vision_tower."):
+        return None
     if key.startswith("model."):
         return "model.language_model." + key[len("model."):]
     if key.startswith("lm_head."):

@@ -1,0 +1,42 @@
+"""Models edgemed knows and does not load, with the exact reason (read from each model's own code)
+and what would help. Matched on the raw config.json (model_type, architectures), before
+transformers is asked to parse a model_type it does not know."""
+from __future__ import annotations
+
+from typing import Any
+
+# (predicate on the raw config, reason, fix)
+KNOWN: list[tuple[Any, str, str]] = [
+    (lambda raw: raw.get("model_type") == "chexagent" or "CheXagentForConditionalGeneration" in raw.get("architectures", []),
+     "CheXagent-8b is a BLIP-2 / InstructBLIP-style model: a 12-layer Q-Former whose 128 query tokens cross-attend "
+     "to an EVA-ViT's features, prepended to the prompt (no image placeholder); edgemed's families splice projected "
+     "vision features at placeholder tokens (LLaVA, Idefics3, Gemma 3) and have no Q-Former (github:Stanford-AIMI/"
+     "CheXagent deprecates this model for CheXagent-2-3b)",
+     "use a LLaVA-style medical VLM (LLaVA-Med v1.5, MedGemma); a Q-Former family for edgemed is not written yet"),
+    (lambda raw: "CheXagentForCausalLM" in raw.get("architectures", []),
+     "CheXagent-2-3b runs only as remote code pinned to transformers 4.40.0 (trust_remote_code) and takes images as "
+     "file paths spelled out inside input_ids, which its model opens itself; its projector (fixed sin-cos position "
+     "embedding, Linear-GELU-Linear, LayerNorm, a bias-free matrix) and its 1024-token span between <|img|> and "
+     "<|/img|> have no transformers class, so edgemed cannot load it without running that code",
+     "edgemed does not run a model repository's code by default; a normaliser into the LLaVA family (SigLIP "
+     "last layer, its own projector type) is the way to support it"),
+    (lambda raw: raw.get("model_type") in ("moe_llava_phi", "moe_llava_stablelm", "moe_llava_qwen", "moe_llava_llama",
+                                           "moe_llava_mistral", "moe_llava_minicpm"),
+     "this is a MoE-LLaVA checkpoint (Med-MoE, github:jiangsongtao/Med-MoE): its MoE layers are DeepSpeed MoE "
+     "(a biased softmax router, top-k experts, plus an always-on shared expert in Med-MoE) in a vendored Phi-2 / "
+     "StableLM decoder, which no transformers class computes; llama.cpp has no architecture for Phi-2 or StableLM "
+     "blocks with routed experts, so no GGUF is possible either",
+     "compress its dense stage-2 model instead, or convert the MoE layers into a transformers MoE decoder first"),
+    (lambda raw: raw.get("model_type") in ("llava_phi", "llava_stablelm", "llava_qwen", "llava_minicpm"),
+     "this is a MoE-LLaVA / Med-MoE stage-1/2 checkpoint: its decoder is a copy of Phi-2 or StableLM vendored in "
+     "github:jiangsongtao/Med-MoE (image tower under mm_image_tower, projector model.mm_projector.image_spatial_proj), "
+     "which edgemed's LLaVA normaliser does not map yet",
+     "compress a LLaVA-1.5 / LLaVA-Med v1.5 style checkpoint (llava_llama, llava_mistral)"),
+]
+
+
+def known_refusal(raw: dict[str, Any]) -> tuple[str, str] | None:
+    for matches, reason, fix in KNOWN:
+        if matches(raw):
+            return reason, fix
+    return None
