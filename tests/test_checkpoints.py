@@ -253,3 +253,24 @@ def test_llava_med_as_published_uses_the_tower_copy_inside_it(replica, tmp_path)
     pv = preprocess(_image(), published.image.to_dict())
     assert np.array_equal(pv, preprocess(_image(), with_folder.image.to_dict()))
     assert np.abs(parent_logits(published, ids, pv) - parent_logits(with_folder, ids, pv)).max() < 1e-5
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"model_type": "moe_llava_phi", "architectures": ["EvalMoELLaVAPhiForCausalLM"]}, "no GGUF is possible"),
+    ({"model_type": "moe_llava_stablelm"}, "shared expert"),
+    ({"model_type": "chexagent", "architectures": ["CheXagentForConditionalGeneration"]}, "Q-Former"),
+    ({"model_type": "chexagent", "architectures": ["CheXagentForCausalLM"]}, "transformers 4.40.0"),
+    ({"model_type": "phi-msft", "architectures": ["CheXagentForCausalLM"]}, "file paths spelled out inside input_ids"),
+    ({"model_type": "made_up_vlm"}, "edgemed convert"),
+])
+def test_seed_models_edgemed_cannot_load_are_refused_with_the_reason(tmp_path, raw, match):
+    """Exit 2 with what exactly is missing (read from each model's own code), before transformers
+    would only say 'unrecognized model'."""
+    from edgemed.cli import main
+    from edgemed.errors import BadInputError
+    from edgemed.models import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(BadInputError, match=match):
+        load_config(str(tmp_path))
+    assert main(["plan", str(tmp_path)]) == 2

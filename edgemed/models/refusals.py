@@ -7,12 +7,7 @@ from typing import Any
 
 # (predicate on the raw config, reason, fix)
 KNOWN: list[tuple[Any, str, str]] = [
-    (lambda raw: raw.get("model_type") == "chexagent" or "CheXagentForConditionalGeneration" in raw.get("architectures", []),
-     "CheXagent-8b is a BLIP-2 / InstructBLIP-style model: a 12-layer Q-Former whose 128 query tokens cross-attend "
-     "to an EVA-ViT's features, prepended to the prompt (no image placeholder); edgemed's families splice projected "
-     "vision features at placeholder tokens (LLaVA, Idefics3, Gemma 3) and have no Q-Former (github:Stanford-AIMI/"
-     "CheXagent deprecates this model for CheXagent-2-3b)",
-     "use a LLaVA-style medical VLM (LLaVA-Med v1.5, MedGemma); a Q-Former family for edgemed is not written yet"),
+    # CheXagent-2's model_type is not known here (its config was not found): its class name decides, first.
     (lambda raw: "CheXagentForCausalLM" in raw.get("architectures", []),
      "CheXagent-2-3b runs only as remote code pinned to transformers 4.40.0 (trust_remote_code) and takes images as "
      "file paths spelled out inside input_ids, which its model opens itself; its projector (fixed sin-cos position "
@@ -20,6 +15,12 @@ KNOWN: list[tuple[Any, str, str]] = [
      "<|/img|> have no transformers class, so edgemed cannot load it without running that code",
      "edgemed does not run a model repository's code by default; a normaliser into the LLaVA family (SigLIP "
      "last layer, its own projector type) is the way to support it"),
+    (lambda raw: raw.get("model_type") == "chexagent" or "CheXagentForConditionalGeneration" in raw.get("architectures", []),
+     "CheXagent-8b is a BLIP-2 / InstructBLIP-style model: a 12-layer Q-Former whose 128 query tokens cross-attend "
+     "to an EVA-ViT's features, prepended to the prompt (no image placeholder); edgemed's families splice projected "
+     "vision features at placeholder tokens (LLaVA, Idefics3, Gemma 3) and have no Q-Former (github:Stanford-AIMI/"
+     "CheXagent deprecates this model for CheXagent-2-3b)",
+     "use a LLaVA-style medical VLM (LLaVA-Med v1.5, MedGemma); a Q-Former family for edgemed is not written yet"),
     (lambda raw: raw.get("model_type") in ("moe_llava_phi", "moe_llava_stablelm", "moe_llava_qwen", "moe_llava_llama",
                                            "moe_llava_mistral", "moe_llava_minicpm"),
      "this is a MoE-LLaVA checkpoint (Med-MoE, github:jiangsongtao/Med-MoE): its MoE layers are DeepSpeed MoE "

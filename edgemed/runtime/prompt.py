@@ -79,9 +79,11 @@ def content_kind(source: str, prefer_typed: bool, specials: tuple[tuple[str, str
     """"typed" or "string": the message content this template renders. A template that renders both
     gets typed parts when `prefer_typed` (a VLM's processor) and strings otherwise (a text LLM's
     tokenizer), as each is used in transformers."""
+    compiled = _template(source)  # a syntax error is the template's own, said as such
+
     def renders(content) -> bool:
         try:
-            out = _template(source).render(messages=[{"role": "user", "content": content}],
+            out = compiled.render(messages=[{"role": "user", "content": content}],
                                            add_generation_prompt=True, **dict(specials))
         except Exception:  # a probe that a template rejects says only that it does not take this form
             return False
