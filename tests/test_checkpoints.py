@@ -207,16 +207,33 @@ def test_llava_variants_llava_cannot_compute_are_refused_by_field(replica, tmp_p
         load_config(str(folder))
 
 
-@pytest.mark.parametrize("name,recipe", [("llava-1.5-7b-hf", "int8"), ("llava-med-v1.5-mistral-7b", "int8")])
-def test_replica_compresses_with_parity(replica, tmp_path, name, recipe):
+SLOW = pytest.mark.slow
+# (replica, recipe, target, max KLD mean): the seed model through every format edgemed writes.
+COMPRESS = [
+    ("llava-1.5-7b-hf", "int8", "cpu-x86-avx2", 1e-3),
+    ("llava-med-v1.5-mistral-7b", "int8", "cpu-x86-avx2", 1e-3),
+    pytest.param("llava-med-v1.5-mistral-7b", "int4", "cpu-x86-avx2", 2e-2, marks=SLOW),
+    pytest.param("llava-med-v1.5-mistral-7b", "q4_k_m", "cpu-x86-avx2", 2e-2, marks=SLOW),
+    pytest.param("llava-1.5-7b-hf", "q8_0", "cpu-x86-avx2", 1e-3, marks=SLOW),
+    pytest.param("llava-med-v1.5-mistral-7b", "trt-int8", "jetson-orin-nano-8gb", 1e-2, marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("name,recipe,target,max_kld", COMPRESS)
+def test_replica_compresses_with_parity(replica, tmp_path, name, recipe, target, max_kld):
     """The real template and processor settings all the way through compress and the runtime: the
-    artifact's prompt ids are the processor's, and parity holds at every position."""
+    artifact's prompt ids are the processor's, and parity holds at every position (trt-int8: the
+    Q/DQ graph on ONNX Runtime, as on any machine without TensorRT)."""
     from edgemed.pipeline import compress
     from edgemed.runtime import load
 
-    res = compress(str(replica(name)), [recipe], "cpu-x86-avx2", tmp_path / name)
+    res = compress(str(replica(name)), [recipe], target, tmp_path / name)
     p = res.manifest.parity
-    assert p["top1_agreement"] > 0.95 and p["kld_mean"] < 1e-3 and p["vision_cosine_min"] > 0.99
+    assert p["top1_agreement"] > 0.9 and p["kld_mean"] < max_kld, p
+    if "vision_upstream_issue" in p:  # llama.cpp's clip.cpp puts CLIP's class token last (the artifact says so)
+        assert recipe.startswith("q") and "25814" in p["vision_upstream_issue"]
+    else:
+        assert p["vision_cosine_min"] > 0.98, p
     # Checked by compress before the logits: the processor's own ids and pixels for the same conversations.
     assert p["processor"]["checked"] and p["processor"]["ids_equal"], p["processor"]
     assert p["processor"]["pixels_max_abs_diff"] < 1e-5
