@@ -291,3 +291,25 @@ def test_seed_models_edgemed_cannot_load_are_refused_with_the_reason(tmp_path, r
     with pytest.raises(BadInputError, match=match):
         load_config(str(tmp_path))
     assert main(["plan", str(tmp_path)]) == 2
+
+
+def test_two_images_in_a_conversation_match_the_parent(tiny_dir, artifact):
+    """generate(messages=..., images=[a, b]): each image's features land at its own placeholder, in
+    order; the artifact decodes what the PyTorch parent decodes for the same conversation."""
+    from edgemed.models import load_model
+    from edgemed.reference.parent import ParentSession
+    from edgemed.runtime import load
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
+                                             {"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    images = [_image(seed=1), _image(w=200, h=300, seed=2)]
+    session = load(artifact("llava-siglip", "int8"))
+    out = session.generate(messages=messages, images=images, max_new_tokens=8, stop_at_eos=False)
+    parent = ParentSession(load_model(str(tiny_dir("llava-siglip"))))
+    ref = parent.generate(messages=messages, images=images, max_new_tokens=8, stop_at_eos=False)
+    n = session.image["num_image_tokens"]
+    assert out.prompt_tokens == ref.prompt_tokens > 2 * n
+    assert out.token_ids == ref.token_ids
+    swapped = parent.generate(messages=messages, images=images[::-1], max_new_tokens=8, stop_at_eos=False)
+    assert session.generate(messages=messages, images=images[::-1], max_new_tokens=8,
+                            stop_at_eos=False).token_ids == swapped.token_ids
