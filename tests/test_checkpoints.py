@@ -303,7 +303,7 @@ def test_two_images_in_a_conversation_match_the_parent(tiny_dir, artifact):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare"},
                                              {"type": "image"}, {"type": "text", "text": QUESTION}]}]
     images = [_image(seed=1), _image(w=200, h=300, seed=2)]
-    session = load(artifact("llava-siglip", "int8"))
+    session = load(artifact("llava-siglip", "fp32"))  # fp32: greedy ties of a random model stay ties
     out = session.generate(messages=messages, images=images, max_new_tokens=8, stop_at_eos=False)
     parent = ParentSession(load_model(str(tiny_dir("llava-siglip"))))
     ref = parent.generate(messages=messages, images=images, max_new_tokens=8, stop_at_eos=False)
