@@ -176,10 +176,6 @@ class Adapter:
     def embed_tokens(cls, model: "nn.Module") -> "nn.Module":
         return model.get_input_embeddings()
 
-    # Keyword arguments that make the family's transformers processor build what edgemed feeds
-    # (Idefics3: one global image, no tiles), for the processor comparison in parity.
-    processor_kwargs: ClassVar[dict[str, Any]] = {}
-
     # Families whose decoder attends bidirectionally within an image block (Gemma 3) take a
     # `token_type_ids` input (1 = image token) in the exported decoder.
     decoder_token_type_ids: ClassVar[bool] = False

@@ -135,7 +135,7 @@ def processor_agreement(cm: CompositeModel) -> dict[str, Any]:
                 msgs = [{**m, "content": [{**p, "image": image} if p["type"] == "image" else p for p in m["content"]]}
                         for m in conv]
                 ref = cm.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True, return_tensors="np", **cm.adapter.processor_kwargs)
+                                                       return_dict=True, return_tensors="np")
                 theirs = ref["input_ids"][0]
             else:
                 msgs = [{**m, "content": "".join(p["text"] for p in m["content"])} for m in conv]
