@@ -9,7 +9,8 @@ from typing import Any
 from edgemed._resources import OFFLINE_FIX, online
 from edgemed.errors import BadInputError
 from edgemed.models.base import (FAMILIES, Adapter, DecoderFacts, ImageFacts, Normaliser, TextFacts, count_params,
-                                 decoder_facts, family_for, model_types, normaliser_for, text_facts)
+                                 decoder_facts, ensure_model_types, family_for, model_types, normaliser_for,
+                                 text_facts)
 
 __all__ = [
     "CompositeModel", "FAMILIES", "ImageFacts", "TextFacts", "load_model", "load_config",
@@ -119,6 +120,7 @@ def load_config(source: str, trust_remote_code: bool = False, vision_tower: str 
     from transformers import AutoConfig
 
     raw = raw_config(source)
+    ensure_model_types(raw)
     normaliser = normaliser_for(raw)
     if normaliser is not None:
         return normaliser.config(Path(source), raw, vision_tower)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from edgemed.models.families import FAMILY_MODULES
 from edgemed.registry import Registry
@@ -49,6 +49,7 @@ class DecoderFacts:
     # `layers[i].{self_attn, mlp.{gate,up,down}_proj}` with separate gate and up projections.
     transforms: tuple[str, ...] = ()
     qkv_bias: bool = False  # q/k/v projections carry a bias though attention_bias is not set (Qwen2)
+    gguf_missing: str | None = None  # why no GGUF can hold this decoder (said when a GGUF recipe is asked for)
 
 
 def register_decoder(facts: DecoderFacts, *model_types: str) -> None:
@@ -210,6 +211,25 @@ class Adapter:
 
 
 _NORMALISERS: list[type["Normaliser"]] = []
+# model_types edgemed itself defines for transformers (e.g. Med-MoE's decoder), registered with its
+# Auto classes on first use, so that importing a family does not import torch.
+_OWN_MODEL_TYPES: dict[str, Callable[[], None]] = {}
+
+
+def register_own_model_type(model_type: str, register: Callable[[], None]) -> None:
+    _OWN_MODEL_TYPES[model_type] = register
+
+
+def ensure_model_types(raw: dict[str, Any] | None) -> None:
+    """Register with transformers the edgemed-defined model_types a raw config.json names (its own
+    or its text_config's), before transformers parses it."""
+    if not raw:
+        return
+    FAMILIES._load()
+    for cfg in (raw, raw.get("text_config") or {}):
+        register = _OWN_MODEL_TYPES.get(cfg.get("model_type") if isinstance(cfg, dict) else None)
+        if register is not None:
+            register()
 
 
 class Normaliser:

@@ -21,18 +21,13 @@ KNOWN: list[tuple[Any, str, str]] = [
      "vision features at placeholder tokens (LLaVA, Idefics3, Gemma 3) and have no Q-Former (github:Stanford-AIMI/"
      "CheXagent deprecates this model for CheXagent-2-3b)",
      "use a LLaVA-style medical VLM (LLaVA-Med v1.5, MedGemma); a Q-Former family for edgemed is not written yet"),
-    (lambda raw: raw.get("model_type") in ("moe_llava_phi", "moe_llava_stablelm", "moe_llava_qwen", "moe_llava_llama",
-                                           "moe_llava_mistral", "moe_llava_minicpm"),
-     "this is a MoE-LLaVA checkpoint (Med-MoE, github:jiangsongtao/Med-MoE): its MoE layers are DeepSpeed MoE "
-     "(a biased softmax router, top-k experts, plus an always-on shared expert in Med-MoE) in a vendored Phi-2 / "
-     "StableLM decoder, which no transformers class computes; llama.cpp has no architecture for Phi-2 or StableLM "
-     "blocks with routed experts, so no GGUF is possible either",
-     "compress its dense stage-2 model instead, or convert the MoE layers into a transformers MoE decoder first"),
-    (lambda raw: raw.get("model_type") in ("llava_phi", "llava_stablelm", "llava_qwen", "llava_minicpm"),
-     "this is a MoE-LLaVA / Med-MoE stage-1/2 checkpoint: its decoder is a copy of Phi-2 or StableLM vendored in "
-     "github:jiangsongtao/Med-MoE (image tower under mm_image_tower, projector model.mm_projector.image_spatial_proj), "
-     "which edgemed's LLaVA normaliser does not map yet",
-     "compress a LLaVA-1.5 / LLaVA-Med v1.5 style checkpoint (llava_llama, llava_mistral)"),
+    (lambda raw: raw.get("model_type") in ("moe_llava_stablelm", "moe_llava_qwen", "moe_llava_qwen1_5", "moe_llava_llama",
+                                           "moe_llava_mistral", "moe_llava_minicpm", "llava_stablelm", "llava_qwen",
+                                           "llava_qwen1_5", "llava_minicpm"),
+     "this is a MoE-LLaVA / Med-MoE checkpoint on a decoder other than Phi-2 (github:jiangsongtao/Med-MoE vendors "
+     "StableLM-epoch, Qwen and MiniCPM with remote-code layouts); edgemed normalises the Phi-2 ones (moe_llava_phi, "
+     "llava_phi) only",
+     "use Med-MoE's Phi-2 checkpoint, or ask for a normaliser for this decoder"),
 ]
 
 

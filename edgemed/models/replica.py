@@ -65,12 +65,17 @@ def read_fixture(folder: Path) -> dict[str, Any]:
     elif (folder / "chat_template.json").is_file():
         template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
     replica = load("edgemed_replica.json") or {}  # facts of the real tokenizer.json the factory needs
+    if replica.get("chat_template_file"):  # a dated template kept under its own name
+        template = (folder / replica["chat_template_file"]).read_text()
     return {"config": config, "tokenizer_config": tok_cfg, "chat_template": template, "replica": replica,
             "added_tokens": load("added_tokens.json") or {}}
 
 
-def replica_tokenizer(tok_cfg: dict[str, Any], added: dict[str, int], adds_bos: bool, extra: dict[str, int]):
-    """A byte-level BPE with the real special tokens at their real ids."""
+def replica_tokenizer(tok_cfg: dict[str, Any], added: dict[str, int], adds_bos: bool, extra: dict[str, int],
+                      dense: bool = False):
+    """A byte-level BPE with the real special tokens at their real ids; `dense`: every id below the
+    highest one taken (by tokens no merge reaches), as a real vocabulary has them, so that a token
+    added later gets the next id, as it would in the real tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     specials: dict[str, int] = {d["content"]: int(i) for i, d in (tok_cfg.get("added_tokens_decoder") or {}).items()}
@@ -88,6 +93,9 @@ def replica_tokenizer(tok_cfg: dict[str, Any], added: dict[str, int], adds_bos: 
         vocab[token] = nxt
         nxt += 1
     vocab.update(specials)
+    if dense:
+        used = set(vocab.values())
+        vocab.update({f"<|replica_filler_{i}|>": i for i in range(max(used)) if i not in used})
     spec["model"]["vocab"] = vocab
     spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                              "normalized": False, "special": True} for t, i in sorted(specials.items(), key=lambda x: x[1])]
@@ -111,17 +119,21 @@ def build_replica(fixture: str | Path, out: str | Path, seed: int = 0) -> Path:
     facts = read_fixture(fixture)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if normaliser_for(facts["config"]) is not None:
+    normaliser = normaliser_for(facts["config"])
+    if normaliser is not None and normaliser.name == "med-moe":
+        _write_med_moe(facts, fixture, out)
+    elif normaliser is not None:
         _write_original_llava(facts, fixture, out)
     else:
         _write_transformers(facts, fixture, out)
     return out
 
 
-def _write_tokenizer(facts: dict[str, Any], out: Path, extra: dict[str, int] | None = None) -> None:
-    tok_cfg = dict(facts["tokenizer_config"])
+def _write_tokenizer(facts: dict[str, Any], out: Path, extra: dict[str, int] | None = None, dense: bool = False) -> None:
+    tok_cfg = {**facts["replica"].get("tokenizer_config", {}), **facts["tokenizer_config"]}
     adds_bos = facts["replica"].get("tokenizer_adds_bos", tok_cfg.get("add_bos_token", False))
-    tok = replica_tokenizer(tok_cfg, facts["added_tokens"], adds_bos, extra or {})
+    extra = {**facts["replica"].get("special_tokens", {}), **(extra or {})}
+    tok = replica_tokenizer(tok_cfg, facts["added_tokens"], adds_bos, extra, dense)
     tok.save(str(out / "tokenizer.json"))
     # The real class (LlamaTokenizer, GemmaTokenizer, ...) would rebuild its pipeline from the real
     # vocabulary files; the replica's tokenizer.json is the whole tokenizer.
@@ -149,7 +161,9 @@ def _write_transformers(facts: dict[str, Any], fixture: Path, out: Path) -> None
     adapter = family_for(model_type)
     if adapter is None:
         raise ValueError(f"{fixture}: model_type {model_type!r} has no edgemed family")
-    model = adapter.model_class()._from_config(config, dtype=torch.float32)
+    cls = adapter.model_class()
+    model = (cls.from_config(config, dtype=torch.float32) if hasattr(cls, "from_config")  # the Auto classes
+             else cls._from_config(config, dtype=torch.float32))
     projection = getattr(getattr(model, "model", None), "multi_modal_projector", None)
     if projection is not None and hasattr(projection, "mm_input_projection_weight"):
         with torch.no_grad():  # Gemma 3 initialises this projection to zeros: images would vanish
@@ -159,36 +173,24 @@ def _write_transformers(facts: dict[str, Any], fixture: Path, out: Path) -> None
     for name in KEPT_FILES:
         if (fixture / name).is_file():
             shutil.copyfile(fixture / name, out / name)
+    if facts["replica"].get("chat_template_file"):
+        (out / "chat_template.jinja").write_text(facts["chat_template"])
 
 
 def _write_original_llava(facts: dict[str, Any], fixture: Path, out: Path) -> None:
     """LLaVA-Med's layout: decoder keys at the top level, model.mm_projector.{0,2}, and the CLIP
     tower (here tiny and random) in a folder of its own that mm_vision_tower names."""
-    import torch
     import transformers as tf
     from safetensors.torch import save_file
 
     raw = shrink(facts["config"])
-    tower = out / "vision_tower"
-    tower_fixture = fixture.parent / facts["replica"].get("vision_tower_fixture", "clip-vit-large-patch14-336")
-    # One 64-wide head, as OpenAI CLIP's heads are (edgemed reads a tower copy's config off its shapes).
-    vc = tf.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
-                             image_size=336, patch_size=14, projection_dim=64, hidden_act="quick_gelu")
-    clip = tf.CLIPVisionModel(vc).eval()
-    clip.save_pretrained(tower)
-    for name in ("preprocessor_config.json",):
-        src = tower_fixture / name if (tower_fixture / name).is_file() else fixture.parent / "llava-1.5-7b-hf" / name
-        shutil.copyfile(src, tower / name)
-    raw["mm_vision_tower"] = str(tower)
+    clip = _write_tower(facts, fixture, out / "vision_tower")
+    raw["mm_vision_tower"] = str(out / "vision_tower")
     text_fields = set(tf.MistralConfig().to_dict())
     tc = tf.MistralConfig(**{k: v for k, v in raw.items() if k in text_fields and k not in ("model_type", "architectures")})
     lm = tf.MistralForCausalLM(tc).eval()
     state = {k: v.contiguous() for k, v in lm.state_dict().items()}
-    hidden = raw["hidden_size"]
-    for i, (a, b) in {0: (raw["mm_hidden_size"], hidden), 2: (hidden, hidden)}.items():
-        layer = torch.nn.Linear(a, b)
-        state[f"model.mm_projector.{i}.weight"] = layer.weight.detach().contiguous()
-        state[f"model.mm_projector.{i}.bias"] = layer.bias.detach().contiguous()
+    state.update(_projector(raw, "model.mm_projector."))
     # The published checkpoint carries a copy of the (frozen) tower too, which LLaVA's loader drops.
     state.update({"model.vision_tower.vision_tower.vision_model." + k: v.contiguous() for k, v in clip.state_dict().items()})
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -197,6 +199,90 @@ def _write_original_llava(facts: dict[str, Any], fixture: Path, out: Path) -> No
     facts = {**facts, "tokenizer_config": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                                            "add_bos_token": True, **facts["tokenizer_config"]}}
     _write_tokenizer(facts, out, extra)
+    for name in ("generation_config.json", "special_tokens_map.json"):
+        if (fixture / name).is_file():
+            shutil.copyfile(fixture / name, out / name)
+
+
+def _write_tower(facts: dict[str, Any], fixture: Path, tower: Path):
+    """A tiny random CLIP tower in a folder of its own, with the real tower's preprocessor_config.json."""
+    import transformers as tf
+
+    tower_fixture = fixture.parent / facts["replica"].get("vision_tower_fixture", "clip-vit-large-patch14-336")
+    # One 64-wide head, as OpenAI CLIP's heads are (edgemed reads a tower copy's config off its shapes).
+    vc = tf.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
+                             image_size=336, patch_size=14, projection_dim=64, hidden_act="quick_gelu")
+    clip = tf.CLIPVisionModel(vc).eval()
+    clip.save_pretrained(tower)
+    name = "preprocessor_config.json"
+    src = tower_fixture / name if (tower_fixture / name).is_file() else fixture.parent / "llava-1.5-7b-hf" / name
+    shutil.copyfile(src, tower / name)
+    return clip
+
+
+def _projector(raw: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """LLaVA's mlp2x_gelu projector (nn.Sequential: Linear, GELU, Linear) under `prefix`."""
+    import torch
+
+    state, hidden = {}, raw["hidden_size"]
+    for i, (a, b) in {0: (raw["mm_hidden_size"], hidden), 2: (hidden, hidden)}.items():
+        layer = torch.nn.Linear(a, b)
+        state[f"{prefix}{i}.weight"] = layer.weight.detach().contiguous()
+        state[f"{prefix}{i}.bias"] = layer.bias.detach().contiguous()
+    return state
+
+
+def _write_med_moe(facts: dict[str, Any], fixture: Path, out: Path) -> None:
+    """Med-MoE's layout (moellava/model/language_model/llava_phi_moe.py, moe/layer.py): Phi-2 keys at
+    the top level; in each MoE layer `mlp.deepspeed_moe.gate.wg` (a router with a bias),
+    `mlp.deepspeed_moe.experts.deepspeed_experts.K` and the shared `mlp.meta_moe` (the dense MLP it
+    started from); `model.mm_projector.image_spatial_proj.{0,2}`; lm_head without bias; a copy of
+    the CLIP tower under model.image_tower.image_tower, and the tower in its own folder that
+    mm_image_tower names."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    raw = shrink(facts["config"])
+    moe = dict(raw.get("moe") or {})
+    if moe.get("moe_layers_idx"):
+        idx = [i for i in moe["moe_layers_idx"] if i < raw["num_hidden_layers"]]
+        experts = moe.get("num_experts", 4)
+        experts = experts if isinstance(experts, list) else [experts] * len(moe["moe_layers_idx"])
+        moe.update(moe_layers_idx=idx, num_experts=experts[:len(idx)])
+        raw["moe"] = moe
+    # Med-MoE's scripts name the tower by a relative path ("./clip-vit-large-patch14-336"): kept, with the
+    # tower written there.
+    tower = str(raw.get("mm_image_tower") or "")
+    if tower.startswith("./"):
+        clip = _write_tower(facts, fixture, out / tower)
+    else:
+        clip = _write_tower(facts, fixture, out / "image_tower")
+        raw["mm_image_tower"] = str(out / "image_tower")
+    fields = set(tf.PhiConfig().to_dict())
+    tc = tf.PhiConfig(**{k: v for k, v in raw.items() if k in fields and k not in ("model_type", "architectures")})
+    lm = tf.PhiForCausalLM(tc).eval()
+    state = {k: v.contiguous() for k, v in lm.state_dict().items() if k != "lm_head.bias"}
+    for layer, n in zip(moe.get("moe_layers_idx", []), moe.get("num_experts", [])):
+        dense = f"model.layers.{layer}.mlp."
+        for k in [k for k in state if k.startswith(dense)]:  # the dense MLP becomes the shared expert
+            state[dense + "meta_moe." + k[len(dense):]] = state.pop(k)
+        router = torch.nn.Linear(tc.hidden_size, n)
+        torch.nn.init.normal_(router.weight, std=2.0 / tc.hidden_size**0.5)  # decisive, varied routing
+        state[dense + "deepspeed_moe.gate.wg.weight"] = router.weight.detach().contiguous()
+        state[dense + "deepspeed_moe.gate.wg.bias"] = router.bias.detach().contiguous()
+        for e in range(n):
+            expert = tf.models.phi.modeling_phi.PhiMLP(tc)
+            for k, v in expert.state_dict().items():
+                state[f"{dense}deepspeed_moe.experts.deepspeed_experts.{e}.{k}"] = v.detach().contiguous()
+    state.update(_projector(raw, "model.mm_projector.image_spatial_proj."))
+    state.update({"model.image_tower.image_tower.vision_model." + k: v.contiguous() for k, v in clip.state_dict().items()})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    eot = "<|endoftext|>"  # Phi-2's (CodeGen's) one special token: BOS, EOS and UNK, never added
+    facts = {**facts, "tokenizer_config": {"bos_token": eot, "eos_token": eot, "unk_token": eot,
+                                           "add_bos_token": False, **facts["tokenizer_config"]}}
+    _write_tokenizer(facts, out, {eot: 50256}, dense=True)  # Phi-2's vocab.json: ids 0..50256, no gap
     for name in ("generation_config.json", "special_tokens_map.json"):
         if (fixture / name).is_file():
             shutil.copyfile(fixture / name, out / name)

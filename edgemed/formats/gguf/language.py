@@ -40,6 +40,9 @@ def text_arch(cm: "CompositeModel") -> TextArch:
 
     mt = cm.adapter.text_config(cm.config).model_type
     facts = decoder_facts(mt)
+    if facts is not None and facts.gguf_missing:
+        raise BadInputError(f"{cm.source}: language model '{mt}'", f"cannot be written as GGUF: {facts.gguf_missing}",
+                            "use an ONNX recipe (int8, int4) for this model")
     if facts is None or facts.gguf_arch is None:
         raise BadInputError(
             f"{cm.source}: language model '{mt}'",

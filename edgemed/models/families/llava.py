@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from edgemed.models.base import ImageFacts, MmprojFacts
-from edgemed.models.families import llava_original  # noqa: F401  (checkpoints of the original LLaVA code)
+from edgemed.models.families import llava_original, med_moe  # noqa: F401  (checkpoints of LLaVA's own code, its forks)
 from edgemed.models.families._common import TowerProjectorDecoder, pil_resample_name, size_of
 
 

@@ -55,16 +55,24 @@ class OriginalLlava(Normaliser):
     name = "llava-original"
     family = "llava"
     what = "LLaVA / LLaVA-Med checkpoint written by the original LLaVA code"
+    # What differs between the original LLaVA code and its forks (MoE-LLaVA / Med-MoE rename these).
+    decoders: dict[str, str] = _DECODERS  # model_type -> the transformers decoder it holds
+    tower_field = "mm_vision_tower"
+    projector_field = "mm_projector_type"
+    tower_prefix = "model.vision_tower.vision_tower.vision_model."  # the tower copy inside the checkpoint
+    projector_prefix = "model.mm_projector."
+    dropped_prefixes: tuple[str, ...] = ("model.vision_tower.",)
+    conversation = MISTRAL_INSTRUCT
 
     @classmethod
     def matches(cls, raw: dict[str, Any]) -> bool:
-        return raw.get("model_type") in _DECODERS and "mm_vision_tower" in raw
+        return raw.get("model_type") in cls.decoders and cls.tower_field in raw
 
     @classmethod
     def check(cls, raw: dict[str, Any], source: str) -> None:
         """Refuse the variants LlavaForConditionalGeneration does not compute, by the field that says so."""
         wrong = {
-            "mm_projector_type": (raw.get("mm_projector_type", "linear"), ("mlp2x_gelu",)),
+            cls.projector_field: (raw.get(cls.projector_field, "linear"), ("mlp2x_gelu",)),
             "mm_patch_merge_type": (raw.get("mm_patch_merge_type", "flat"), ("flat",)),
             "image_aspect_ratio": (raw.get("image_aspect_ratio", "square"), ("pad", "square", None)),
             "mm_use_im_start_end": (raw.get("mm_use_im_start_end", False), (False,)),
@@ -83,12 +91,15 @@ class OriginalLlava(Normaliser):
         it is a folder or in the local Hugging Face cache; None: the copy inside the checkpoint."""
         import transformers as tf
 
-        name = vision_tower or raw["mm_vision_tower"]
+        name = vision_tower or str(raw[cls.tower_field])
+        if not vision_tower and name.startswith(("./", "../")) and (folder / name).is_dir():
+            name = str((folder / name).resolve())  # a path relative to the checkpoint (Med-MoE's training scripts)
         try:
             tf.CLIPVisionConfig.from_pretrained(name, local_files_only=_offline())
             return name
         except (OSError, ValueError) as e:
-            if vision_tower or not _tower_keys(folder) or not str(raw["mm_vision_tower"]).startswith("openai/"):
+            openai_clip = name.startswith("openai/") or Path(name).name.startswith("clip-vit-")
+            if vision_tower or not _tower_keys(folder, cls.tower_prefix) or not openai_clip:
                 raise BadInputError(str(folder), f"its vision tower {name!r} is not available "
                                     f"({str(e).splitlines()[0][:160]})",
                                     "pass --vision-tower DIR (a folder holding the CLIP tower's config.json, "
@@ -104,23 +115,48 @@ class OriginalLlava(Normaliser):
         if tower is not None:
             vc = tf.CLIPVisionConfig.from_pretrained(tower, local_files_only=_offline())
         else:
-            vc = _tower_config_from_shapes(folder)
-        decoder = _DECODERS[raw["model_type"]]
-        text_cls = tf.AutoConfig.for_model(decoder).__class__
-        fields = set(text_cls().to_dict())
-        tc = text_cls(**{k: v for k, v in raw.items() if k in fields and k not in ("model_type", "architectures")})
-        if raw.get("unk_token_id") is None and tc.bos_token_id == 1:
-            unk = 0  # Llama/Mistral sentencepiece vocabularies: <unk> 0, <s> 1, </s> 2
-        else:
-            unk = raw.get("unk_token_id", 0)
+            vc = _tower_config_from_shapes(folder, cls.tower_prefix)
+        tc = cls.text_config(folder, raw)
         return tf.LlavaConfig(
-            vision_config=vc, text_config=tc, image_token_id=unk,
+            vision_config=vc, text_config=tc, image_token_id=cls.image_token_id(folder, raw, tc),
             vision_feature_layer=raw.get("mm_vision_select_layer", -2),
             vision_feature_select_strategy="default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full",
             projector_hidden_act="gelu", multimodal_projector_bias=True,
             image_seq_length=(vc.image_size // vc.patch_size) ** 2,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
         )
+
+    @classmethod
+    def text_config(cls, folder: Path, raw: dict[str, Any]):
+        """The transformers config of the decoder: the checkpoint's fields that the decoder's config has."""
+        import transformers as tf
+
+        text_cls = tf.AutoConfig.for_model(cls.decoders[raw["model_type"]]).__class__
+        fields = set(text_cls().to_dict())
+        return text_cls(**{k: v for k, v in raw.items() if k in fields and k not in ("model_type", "architectures")})
+
+    @classmethod
+    def image_token_id(cls, folder: Path, raw: dict[str, Any], tc) -> int:
+        """The token that marks image positions: `<unk>`, which the model never sees in text."""
+        if raw.get("unk_token_id") is None and tc.bos_token_id == 1:
+            return 0  # Llama/Mistral sentencepiece vocabularies: <unk> 0, <s> 1, </s> 2
+        return raw.get("unk_token_id", 0)
+
+    @classmethod
+    def rename(cls, key: str) -> str | None:
+        """A checkpoint key -> LlavaForConditionalGeneration's, None for what it does not hold."""
+        if key.startswith(cls.projector_prefix):
+            i, rest = key[len(cls.projector_prefix):].split(".", 1)
+            return f"model.multi_modal_projector.linear_{ {'0': 1, '2': 2}[i] }.{rest}"
+        if key.startswith(cls.tower_prefix):
+            return "model.vision_tower." + key[len(cls.tower_prefix):]
+        if key.startswith(cls.dropped_prefixes):
+            return None
+        if key.startswith("model."):
+            return "model.language_model." + key[len("model."):]
+        if key.startswith("lm_head."):
+            return key
+        return None
 
     @classmethod
     def state_dict(cls, folder: Path, raw: dict[str, Any], config, vision_tower: str | None, allow_pickle: bool):
@@ -132,7 +168,7 @@ class OriginalLlava(Normaliser):
         for f in sorted(folder.glob("*.safetensors")):
             with safe_open(str(f), "pt") as st:
                 for key in st.keys():
-                    new = _rename(key)
+                    new = cls.rename(key)
                     if new is None or (tower is not None and new.startswith("model.vision_tower.")):
                         continue
                     out[new] = st.get_tensor(key).float()
@@ -158,18 +194,19 @@ class OriginalLlava(Normaliser):
                 "image_mean", "image_std", "resample", "do_convert_rgb")
         ip = tf.LlavaImageProcessor(**{k: base[k] for k in keep if k in base},
                                     do_pad=raw.get("image_aspect_ratio") == "pad")
-        token = tokenizer.convert_ids_to_tokens(config.image_token_id)
-        template = MISTRAL_INSTRUCT.replace("__IMAGE__", token)
+        token = cls.image_token(tokenizer, config)
+        template = cls.conversation.replace("__IMAGE__", token)
         tokenizer.chat_template = template
         return tf.LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
                                  vision_feature_select_strategy=config.vision_feature_select_strategy,
                                  image_token=token, num_additional_image_tokens=1, chat_template=template)
 
+    @classmethod
+    def image_token(cls, tokenizer, config) -> str:
+        return tokenizer.convert_ids_to_tokens(config.image_token_id)
 
-_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 
-
-def _tower_keys(folder: Path) -> dict[str, tuple[int, ...]]:
+def _tower_keys(folder: Path, prefix: str) -> dict[str, tuple[int, ...]]:
     """The CLIP tower tensors a LLaVA checkpoint carries (names after the prefix -> shapes), from
     the safetensors headers alone."""
     from safetensors import safe_open
@@ -178,17 +215,17 @@ def _tower_keys(folder: Path) -> dict[str, tuple[int, ...]]:
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as st:
             for key in st.keys():
-                if key.startswith(_TOWER_PREFIX):
-                    shapes[key[len(_TOWER_PREFIX):]] = tuple(st.get_slice(key).get_shape())
+                if key.startswith(prefix):
+                    shapes[key[len(prefix):]] = tuple(st.get_slice(key).get_shape())
     return shapes
 
 
-def _tower_config_from_shapes(folder: Path):
+def _tower_config_from_shapes(folder: Path, prefix: str):
     """The CLIPVisionConfig of the tower copy inside a checkpoint, read off its tensor shapes; the
     head count follows OpenAI CLIP's 64-wide heads (ViT-B 768/12, ViT-L 1024/16)."""
     import transformers as tf
 
-    shapes = _tower_keys(folder)
+    shapes = _tower_keys(folder, prefix)
     hidden = shapes["embeddings.class_embedding"][0]
     patch = shapes["embeddings.patch_embedding.weight"][-1]
     positions = shapes["embeddings.position_embedding.weight"][0]
@@ -196,22 +233,6 @@ def _tower_config_from_shapes(folder: Path):
     return tf.CLIPVisionConfig(hidden_size=hidden, intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
                                num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), patch_size=patch,
                                image_size=round((positions - 1) ** 0.5) * patch)
-
-
-def _rename(key: str) -> str | None:
-    """An original-LLaVA key -> LlavaForConditionalGeneration's, None for what it does not hold."""
-    if key.startswith("model.mm_projector."):
-        i, rest = key[len("model.mm_projector."):].split(".", 1)
-        return f"model.multi_modal_projector.linear_{ {'0': 1, '2': 2}[i] }.{rest}"
-    if key.startswith(_TOWER_PREFIX):
-        return "model.vision_tower." + key[len(_TOWER_PREFIX):]
-    if key.startswith("model.vision_tower."):
-        return None
-    if key.startswith("model."):
-        return "model.language_model." + key[len("model."):]
-    if key.startswith("lm_head."):
-        return key
-    return None
 
 
 def _tower_state(tower: str, config, allow_pickle: bool, source: str) -> dict[str, Any]:
