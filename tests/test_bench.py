@@ -319,7 +319,10 @@ class _FakeSession:
     def __init__(self, logits, answers):
         self._logits, self._answers = logits, answers
 
-    def prompt_ids(self, prompt, with_image):
+    def image_grid(self, image):
+        return 0, 0
+
+    def prompt_ids(self, prompt, with_image, grid=(0, 0)):
         return np.asarray([1, 2, 3], np.int64)
 
     def logits(self, ids, pixel_values=None, decode_from=None):

@@ -14,6 +14,7 @@ def decoder_feeds(cm: "CompositeModel", source: str | None, count: int) -> list[
     import torch
 
     from edgemed.calibration.samples import calibration_set
+    from edgemed.runtime.preprocess import image_grid, preprocess
 
     calib = calibration_set(cm, source, "multimodal" if cm.multimodal else "text", count)
     embed = cm.adapter.embed_tokens(cm.model)
@@ -21,13 +22,12 @@ def decoder_feeds(cm: "CompositeModel", source: str | None, count: int) -> list[
     feeds = []
     for prompt, answer, image in calib.samples:
         with_image = image is not None and cm.multimodal
-        ids = torch.from_numpy(cm.prompt_ids(prompt, with_image, answer))
+        grid = image_grid(image, cm.image.to_dict()) if with_image else (0, 0)
+        ids = torch.from_numpy(cm.prompt_ids(prompt, with_image, answer, grid=grid))
         with torch.no_grad():
             emb = embed(ids[None]).float()
             image_mask = ids == cm.image.image_token_id if cm.multimodal else torch.zeros_like(ids, dtype=torch.bool)
             if with_image:
-                from edgemed.runtime.preprocess import preprocess
-
                 pv = torch.from_numpy(preprocess(image, cm.image.to_dict()))
                 emb[0, image_mask] = cm.image_features(pv).reshape(-1, emb.shape[-1])
         n = len(ids)

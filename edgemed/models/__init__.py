@@ -58,18 +58,19 @@ class CompositeModel:
         return ChatFormat.of_record(self.text.to_dict(), self.image.to_dict() if self.image else None,
                                     self.chat_template)
 
-    def build_prompt(self, prompt: str, with_image: bool) -> str:
-        """The rendered text of one user turn (images expanded)."""
+    def build_prompt(self, prompt: str, with_image: bool, grid: tuple[int, int] = (0, 0)) -> str:
+        """The rendered text of one user turn (images expanded; `grid`: the image's tiles)."""
         from edgemed.runtime.prompt import user_turn
 
-        return self.chat.render(user_turn(prompt, with_image and self.image is not None))
+        with_image = with_image and self.image is not None
+        return self.chat.render(user_turn(prompt, with_image), grids=[grid] if with_image else [])
 
-    def prompt_ids(self, prompt: str, with_image: bool, answer: str = ""):
+    def prompt_ids(self, prompt: str, with_image: bool, answer: str = "", grid: tuple[int, int] = (0, 0)):
         """Token ids of one user turn (and, for teacher forcing, the answer after it)."""
         import numpy as np
 
         chat = self.chat
-        ids = chat.tokenize(self.tokenizer, self.build_prompt(prompt, with_image) + answer)
+        ids = chat.tokenize(self.tokenizer, self.build_prompt(prompt, with_image, grid) + answer)
         return np.asarray(ids, dtype=np.int64)
 
 

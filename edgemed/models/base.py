@@ -93,7 +93,7 @@ class ImageFacts:
     image_mean: list[float]
     image_std: list[float]
     resample: str  # PIL resample name: bicubic | bilinear
-    resize_mode: str  # "squash" (resize to size x size) | "shortest_edge_center_crop"
+    resize_mode: str  # "squash" (resize to size x size) | "shortest_edge_center_crop" | "longest_edge" (Idefics3)
     rescale_factor: float
     num_image_tokens: int  # feature vectors per image after the projector
     image_token: str  # the placeholder token repeated num_image_tokens times
@@ -103,6 +103,10 @@ class ImageFacts:
     placeholder: str = "<image>"  # what a user prompt writes where the image goes
     shortest_edge: int | None = None  # for shortest_edge_center_crop
     pad_to_square: bool = False  # first pad to a square with the mean colour (LLaVA's image_aspect_ratio "pad")
+    longest_edge: int | None = None  # "longest_edge": first resize the longer side to this (even, aspect kept)
+    # Idefics3 / SmolVLM image splitting: tiles of image_size (row by row) + the whole image, each
+    # tile's block marked `tile_marker<row_R_col_C>`; None: one image
+    tile_marker: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

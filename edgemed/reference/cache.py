@@ -153,7 +153,7 @@ def cache_parent_reference(cm, out_dir: str | Path, prompts: Sequence[str | Item
         prompt = _gate_prompt(it)
         gen = parent.generate(images[img_idx] if img_idx >= 0 else None, prompt, max_new_tokens=max_new_tokens,
                               stop_at_eos=True)
-        ids = parent.prompt_ids(prompt, img_idx >= 0)
+        ids = parent.prompt_ids(prompt, img_idx >= 0, parent.image_grid(images[img_idx]) if img_idx >= 0 else (0, 0))
         seq = np.concatenate([ids, np.asarray(gen.token_ids[:-1], np.int64)])
         logits = parent.logits(seq, pv).astype(np.float32)
         vocab = logits.shape[-1]
@@ -343,7 +343,7 @@ def compare_with_reference(session, ref_path: str | Path, *, generate: bool = Tr
         if not generate:
             continue
         plen = int(arrays["prompt_lens"][i])
-        own = session.prompt_ids(rec["prompt"], img is not None)
+        own = session.prompt_ids(rec["prompt"], img is not None, session.image_grid(img) if img is not None else (0, 0))
         if len(own) != plen or not np.array_equal(own, ids[:plen]):
             mismatched_prompts += 1
         ans = session.generate(img, rec["prompt"], max_new_tokens=meta["max_new_tokens"], stop_at_eos=True).text

@@ -41,11 +41,16 @@ class ParentSession(GreedyGeneration):
         self._cache_kw = "cache" if "cache" in inspect.signature(cm.model.forward).parameters else "past_key_values"
 
     # --- building blocks ----------------------------------------------------------------------
-    def conversation_ids(self, messages, add_generation_prompt: bool = True) -> np.ndarray:
-        return self.cm.chat.ids(self.cm.tokenizer, messages, add_generation_prompt)
+    def conversation_ids(self, messages, add_generation_prompt: bool = True, grids=None) -> np.ndarray:
+        return self.cm.chat.ids(self.cm.tokenizer, messages, add_generation_prompt, grids)
 
-    def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray:
-        return self.cm.prompt_ids(prompt, with_image)
+    def prompt_ids(self, prompt: str, with_image: bool, grid: tuple[int, int] = (0, 0)) -> np.ndarray:
+        return self.cm.prompt_ids(prompt, with_image, grid=grid)
+
+    def image_grid(self, image) -> tuple[int, int]:
+        from edgemed.runtime.preprocess import image_grid
+
+        return image_grid(image, self.image)
 
     def pixel_values(self, image) -> np.ndarray:
         from edgemed.runtime.preprocess import preprocess
@@ -119,8 +124,9 @@ def parity_prompt_logits(cm) -> list[np.ndarray]:
 
     s = ParentSession(cm)
     pv = s.pixel_values(synthetic_test_image()) if cm.multimodal else None
+    grid = s.image_grid(synthetic_test_image()) if cm.multimodal else (0, 0)
     out = []
     for i, prompt in enumerate(PARITY_PROMPTS):
         with_image = pv is not None and i % 2 == 0
-        out.append(parent_logits(cm, s.prompt_ids(prompt, with_image), pv if with_image else None))
+        out.append(parent_logits(cm, s.prompt_ids(prompt, with_image, grid), pv if with_image else None))
     return out

@@ -60,12 +60,12 @@ def parent_image_features(cm: CompositeModel, pixel_values: np.ndarray) -> np.nd
 
 def run_calibration(cm, calib) -> int:
     """Forward every calibration sample (prompt + answer, image for a VLM) through the parent."""
-    from edgemed.runtime.preprocess import preprocess
+    from edgemed.runtime.preprocess import tiles
 
     tokens = 0
     for prompt, answer, image in calib.samples:
-        ids = cm.prompt_ids(prompt, image is not None, answer)
-        pv = preprocess(image, cm.image.to_dict()) if image is not None else None
+        pv, rows, cols = tiles(image, cm.image.to_dict()) if image is not None else (None, 0, 0)
+        ids = cm.prompt_ids(prompt, image is not None, answer, grid=(rows, cols))
         parent_logits(cm, ids, pv)
         tokens += len(ids)
     return tokens
@@ -81,9 +81,9 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS,
     the headline numbers (what gates judge) are against the original, and `transformed_parent`
     keeps the same record against the transformed model (the export's own fidelity)."""
     result: dict[str, Any] = {"prompts": len(prompts), "processor": processor_agreement(cm)}
-    pv = None
+    pv, grid = None, (0, 0)
     if cm.multimodal:
-        pv = session.pixel_values(synthetic_test_image())
+        pv, grid = session.pixel_values(synthetic_test_image()), session.image_grid(synthetic_test_image())
         ref_feats, got_feats = parent_image_features(cm, pv), session.encode_image(pv)
         cos = cosine_rows(ref_feats, got_feats)
         result["vision_cosine_min"] = float(cos.min())
@@ -92,7 +92,7 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS,
     refs, gots, gots_dec = [], [], []
     for i, prompt in enumerate(prompts):
         with_image = pv is not None and i % 2 == 0
-        ids = session.prompt_ids(prompt, with_image)
+        ids = session.prompt_ids(prompt, with_image, grid)
         refs.append(parent_logits(cm, ids, pv if with_image else None))
         gots.append(session.logits(ids, pv if with_image else None))
         gots_dec.append(session.logits(ids, pv if with_image else None, decode_from=max(1, len(ids) // 2)))
@@ -113,7 +113,7 @@ def processor_agreement(cm: CompositeModel) -> dict[str, Any]:
     """Whether edgemed's prompt ids (and pixels) are what the model's own transformers processor
     (for a text LLM: its tokenizer's apply_chat_template) makes of the same conversation: with and
     without an image, with a system prompt and history. Checked before any logits are compared."""
-    from edgemed.runtime.preprocess import preprocess
+    from edgemed.runtime.preprocess import image_grid, preprocess
 
     convs = [[{"role": "user", "content": [{"type": "text", "text": PARITY_PROMPTS[0]}]}],
              [{"role": "system", "content": [{"type": "text", "text": "You are a radiology assistant."}]},
@@ -128,8 +128,9 @@ def processor_agreement(cm: CompositeModel) -> dict[str, Any]:
     if cm.multimodal and cm.processor is None:
         return {"checked": False, "reason": "the model folder has no processor files"}
     out: dict[str, Any] = {"checked": True, "conversations": len(convs), "ids_equal": True}
+    grid = image_grid(image, cm.image.to_dict()) if cm.multimodal else (0, 0)
     for conv in convs:
-        ours = cm.chat.ids(cm.tokenizer, conv)
+        ours = cm.chat.ids(cm.tokenizer, conv, grids=[grid] * sum(p["type"] == "image" for m in conv for p in m["content"]))
         try:
             if cm.multimodal:
                 msgs = [{**m, "content": [{**p, "image": image} if p["type"] == "image" else p for p in m["content"]]}

@@ -144,9 +144,19 @@ def count_images(messages: list[dict[str, Any]]) -> int:
     return sum(p["type"] == "image" for m in messages for p in m["content"])
 
 
-def image_block(image: dict[str, Any]) -> str:
-    """The text that stands for one image: prefix + the image token repeated + suffix."""
-    return image["prefix"] + image["image_token"] * image["num_image_tokens"] + image["suffix"]
+def image_block(image: dict[str, Any], grid: tuple[int, int] = (0, 0)) -> str:
+    """The text that stands for one image: prefix + the image token repeated + suffix; for an image
+    cut into rows x cols tiles (Idefics3 / SmolVLM), first each tile's block, row by row, as
+    Idefics3Processor writes them (`<fake_token_around_image><row_R_col_C>` + the tokens, a newline
+    after each row), then a blank line and the whole image's block."""
+    one = image["image_token"] * image["num_image_tokens"]
+    rows, cols = grid
+    whole = image["prefix"] + one + image["suffix"]
+    if not (rows or cols):
+        return whole
+    marker = image["tile_marker"]
+    text = "".join("".join(f"{marker}<row_{r + 1}_col_{c + 1}>{one}" for c in range(cols)) + "\n" for r in range(rows))
+    return text + "\n" + whole
 
 
 @dataclass
@@ -169,8 +179,10 @@ class ChatFormat:
             specials = {"bos_token": text["bos_token"], "eos_token": ""}
         return cls(template, specials, image, bool(text.get("add_special_tokens", False)))
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The text to tokenize: the template rendered, every image placeholder expanded."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               grids: list[tuple[int, int]] | None = None) -> str:
+        """The text to tokenize: the template rendered, every image placeholder expanded (`grids`:
+        each image's tile grid, edgemed.runtime.preprocess.image_grid, where the model cuts images)."""
         messages = normalize_messages(messages)
         n_images = count_images(messages)
         if n_images and self.image is None:
@@ -189,9 +201,9 @@ class ChatFormat:
             except Exception as e:  # the template's own raise_exception (roles out of order, ...) is the user's input
                 raise BadInputError("messages", f"the model's chat template refused them ({str(e)[:200]})",
                                     "order the roles as the model expects (e.g. user/assistant alternating)") from None
-        return self.expand_images(text, n_images)
+        return self.expand_images(text, n_images, grids)
 
-    def expand_images(self, text: str, n_images: int) -> str:
+    def expand_images(self, text: str, n_images: int, grids: list[tuple[int, int]] | None = None) -> str:
         if self.image is None:
             return text
         pieces = text.split(self.image["placeholder"])
@@ -200,7 +212,15 @@ class ChatFormat:
                                 f"({self.image['placeholder']!r}) for {n_images} image(s)",
                                 "each image needs exactly one {'type': 'image'} part; check that the template "
                                 "prints images and that the text holds no placeholder of its own")
-        return image_block(self.image).join(pieces)
+        if self.image.get("tile_marker") and grids is None:
+            raise ValueError("this model cuts images into tiles: pass each image's grid (preprocess.image_grid)")
+        grids = list(grids or [(0, 0)] * n_images)
+        if len(grids) != n_images:
+            raise ValueError(f"{len(grids)} tile grid(s) for {n_images} image(s)")
+        out = [pieces[0]]
+        for grid, piece in zip(grids, pieces[1:]):
+            out += [image_block(self.image, grid), piece]
+        return "".join(out)
 
     def tokenize(self, tokenizer, text: str) -> list[int]:
         """Ids for rendered text with a `tokenizers.Tokenizer` or a transformers tokenizer."""
@@ -209,10 +229,10 @@ class ChatFormat:
         enc = tokenizer.encode(text, add_special_tokens=special)
         return list(getattr(enc, "ids", enc))
 
-    def ids(self, tokenizer, messages, add_generation_prompt: bool = True):
+    def ids(self, tokenizer, messages, add_generation_prompt: bool = True, grids: list[tuple[int, int]] | None = None):
         import numpy as np
 
-        return np.asarray(self.tokenize(tokenizer, self.render(messages, add_generation_prompt)), dtype=np.int64)
+        return np.asarray(self.tokenize(tokenizer, self.render(messages, add_generation_prompt, grids)), dtype=np.int64)
 
 
 def _as_string(parts: list[dict[str, Any]], placeholder: str) -> str:
@@ -245,11 +265,16 @@ class PromptAndPixels:
     def chat(self) -> ChatFormat:
         return ChatFormat.of_record(self.text, self.image, self.chat_template)
 
-    def conversation_ids(self, messages, add_generation_prompt: bool = True):
-        return self.chat.ids(self.tokenizer, messages, add_generation_prompt)
+    def conversation_ids(self, messages, add_generation_prompt: bool = True, grids: list[tuple[int, int]] | None = None):
+        return self.chat.ids(self.tokenizer, messages, add_generation_prompt, grids)
 
-    def prompt_ids(self, prompt: str, with_image: bool):
-        return self.conversation_ids(user_turn(prompt, with_image))
+    def prompt_ids(self, prompt: str, with_image: bool, grid: tuple[int, int] = (0, 0)):
+        return self.conversation_ids(user_turn(prompt, with_image), grids=[grid] if with_image else [])
+
+    def image_grid(self, image) -> tuple[int, int]:
+        from edgemed.runtime.preprocess import image_grid
+
+        return image_grid(image, self.image)
 
     def pixel_values(self, image):
         from edgemed.runtime.preprocess import preprocess

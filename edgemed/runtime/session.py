@@ -43,9 +43,12 @@ class GenerationResult:
 class Session(Protocol):
     """The calls every session offers."""
 
-    def prompt_ids(self, prompt: str, with_image: bool) -> np.ndarray: ...
+    def prompt_ids(self, prompt: str, with_image: bool, grid: tuple[int, int] = (0, 0)) -> np.ndarray: ...
 
-    def conversation_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> np.ndarray: ...
+    def conversation_ids(self, messages: list[dict], add_generation_prompt: bool = True,
+                         grids: list[tuple[int, int]] | None = None) -> np.ndarray: ...
+
+    def image_grid(self, image) -> tuple[int, int]: ...
 
     def pixel_values(self, image) -> np.ndarray: ...
 
@@ -107,7 +110,7 @@ class GreedyGeneration:
             encoded = [np.asarray(self._encode(x)) for x in inputs]
             feats = np.concatenate([e.reshape(-1, e.shape[-1]) for e in encoded]) if len(encoded) > 1 else encoded[0]
             vis_s = time.perf_counter() - t1
-        ids = self.conversation_ids(messages)
+        ids = self.conversation_ids(messages, grids=[self.image_grid(im) for im in images])
         context = int(self.context_tokens)
         if len(ids) >= context:
             raise BadInputError("prompt", f"{len(ids)} tokens (image tokens included) leave no room in the "

@@ -164,13 +164,12 @@ class Distill(Step):
 
     @staticmethod
     def _encode(cm, calib) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        from edgemed.runtime.preprocess import preprocess
+        from edgemed.runtime.preprocess import tiles
 
         out = []
         for prompt, answer, image in calib.samples:
-            ids = cm.prompt_ids(prompt, image is not None, answer)
-            pv = preprocess(image, cm.image.to_dict()) if image is not None else None
-            out.append((ids, pv))
+            pv, rows, cols = tiles(image, cm.image.to_dict()) if image is not None else (None, 0, 0)
+            out.append((cm.prompt_ids(prompt, image is not None, answer, grid=(rows, cols)), pv))
         return out
 
     @staticmethod

@@ -41,7 +41,7 @@ def compute_imatrix(cm: "CompositeModel", calib: "Calibration", progress=None) -
 
     from edgemed.formats.gguf.language import language_tensors
     from edgemed.reference.parity import parent_logits
-    from edgemed.runtime.preprocess import preprocess
+    from edgemed.runtime.preprocess import tiles
 
     say = progress or (lambda msg: None)
     # Linear modules of the decoder and lm_head, named as llama.cpp names their weights.
@@ -64,8 +64,8 @@ def compute_imatrix(cm: "CompositeModel", calib: "Calibration", progress=None) -
     tokens = 0
     try:
         for i, (prompt, answer, image) in enumerate(calib.samples):
-            ids = cm.prompt_ids(prompt, image is not None, answer)
-            pv = preprocess(image, cm.image.to_dict()) if image is not None else None
+            pv, rows, cols = tiles(image, cm.image.to_dict()) if image is not None else (None, 0, 0)
+            ids = cm.prompt_ids(prompt, image is not None, answer, grid=(rows, cols))
             parent_logits(cm, ids, pv)
             tokens += len(ids)
             if i % 8 == 0:

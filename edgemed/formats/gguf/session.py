@@ -12,7 +12,8 @@ positions with embedding batches (`llama_batch.embd`), the way mtmd's own helper
   encoder and projector against the parent's.
 - `generate(image, prompt)`: the image itself goes to mtmd, so llama.cpp's own preprocessing runs,
   as it would in llama-mtmd-cli. For Idefics3, mtmd emits tiles plus an overview; edgemed's prompt
-  holds one global image, so the overview's embeddings are used.
+  holds one global image here, so the overview's embeddings are used (the ONNX and TensorRT
+  sessions feed the tiles too, as the transformers processor does; see `global_image_only`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgemed.errors import BadInputError, MissingDependencyError
-from edgemed.runtime.preprocess import as_image
+from edgemed.runtime.preprocess import as_image, global_image_only
 from edgemed.runtime.prompt import PromptAndPixels, user_turn
 from edgemed.runtime.session import GreedyGeneration
 
@@ -77,7 +78,7 @@ class GgufSession(PromptAndPixels, GreedyGeneration):
         self._lc = lc
         self.path, self.manifest = Path(path), manifest
         self.text: dict[str, Any] = manifest.model.text
-        self.image: dict[str, Any] | None = manifest.model.image
+        self.image: dict[str, Any] | None = global_image_only(manifest.model.image)
         self.chat_template: str | None = manifest.model.chat_template
         self.tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
         self.eos = set(self.text.get("eos_token_ids") or [])

@@ -10,6 +10,17 @@ from edgemed.formats.tensorrt.args import BUILDER_FLAGS, QDQ_PRECISIONS, TrtExpo
 
 # --- build profiles --------------------------------------------------------------------------------
 
+def tiles_per_image(image: dict) -> int:
+    """The most pixel_values rows one image becomes: Idefics3 / SmolVLM cut it into up to
+    (longest_edge / tile)^2 tiles plus the whole image; other families feed one."""
+    if not image.get("tile_marker"):
+        return 1
+    import math
+
+    side = math.ceil(image["longest_edge"] / image["image_size"])
+    return side * side + 1
+
+
 def build_profiles(work_dir: Path, text: dict, image: dict | None, precisions: dict[str, dict[str, str]],
                    args: TrtExportArgs, usable_memory_gb: float) -> dict[str, Any]:
     """Optimization profiles (min/opt/max per input), precision flags and workspace per graph.
@@ -31,8 +42,9 @@ def build_profiles(work_dir: Path, text: dict, image: dict | None, precisions: d
                                  "precisions": comp_prec, "workspace_bytes": workspace}
         if name == "vision_encoder.onnx":
             s = image["image_size"]
+            per_image = tiles_per_image(image)
             entry["profiles"] = [{"name": "images", "shapes": {
-                "pixel_values": _mom([1, 3, s, s], [1, 3, s, s], [args.max_images, 3, s, s])}}]
+                "pixel_values": _mom([1, 3, s, s], [per_image, 3, s, s], [args.max_images * per_image, 3, s, s])}}]
         elif name == "embed_tokens.onnx":
             entry["profiles"] = [{"name": "tokens", "shapes": {"input_ids": _mom([1, 1], [1, opt_prompt], [1, ctx])}}]
         else:

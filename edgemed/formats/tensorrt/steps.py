@@ -122,7 +122,7 @@ def calibration_feeds(ctx: "Context", count: int, samples: list[tuple[Any, str]]
             pv = session.pixel_values(image)
             feeds["vision_encoder.onnx"].append({"pixel_values": pv})
             feats = session.encode_image(pv)
-        ids = session.prompt_ids(prompt, with_image)
+        ids = session.prompt_ids(prompt, with_image, session.image_grid(image) if with_image else (0, 0))
         feeds["embed_tokens.onnx"].append({"input_ids": ids[None]})
         embeds = session.input_embeds(ids, feats)
         s = len(ids)

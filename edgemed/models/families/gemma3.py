@@ -53,6 +53,12 @@ class Gemma3Adapter(TowerProjectorDecoder):
     def image_facts(cls, config, tokenizer, processor):
         vc = config.vision_config
         ip = processor.image_processor if processor is not None else None
+        if getattr(ip, "do_pan_and_scan", False):  # off in Google's processor configs; crops would need their own blocks
+            from edgemed.errors import BadInputError
+
+            raise BadInputError("preprocessor_config.json do_pan_and_scan", "is true; edgemed feeds Gemma 3 one "
+                                f"{vc.image_size}-px image per image, as the processor does by default",
+                                "set do_pan_and_scan to false (Gemma 3's default)")
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         boi = getattr(tokenizer, "boi_token", None) or "<start_of_image>"
         eoi = getattr(tokenizer, "eoi_token", None) or "<end_of_image>"

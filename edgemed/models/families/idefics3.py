@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from edgemed.models.base import Adapter, ImageFacts, MmprojFacts
-from edgemed.models.families._common import pil_resample_name
+from edgemed.models.families._common import pil_resample_name, size_of
 
 
 class Idefics3Adapter(Adapter):
     """SmolVLM / Idefics3: SigLIP tower -> pixel-shuffle connector -> Llama decoder.
 
-    edgemed feeds one global image (no tile splitting), as llama.cpp's overview image does.
-    """
+    Images as Idefics3ImageProcessor makes them: the longer side resized to size["longest_edge"],
+    then (do_image_splitting) cut into tiles of the tower's size plus the whole image resized to
+    one tile, each with its own block of image tokens (edgemed.runtime.preprocess.tiles)."""
 
     family = "idefics3"
     model_types = ("idefics3", "smolvlm")
@@ -27,7 +28,7 @@ class Idefics3Adapter(Adapter):
     def parent_inputs(cls, input_ids, pixel_values, image_token_id):
         kw = super().parent_inputs(input_ids, pixel_values, image_token_id)
         if pixel_values is not None:
-            kw["pixel_values"] = pixel_values[:, None]  # [batch, images, 3, H, W]
+            kw["pixel_values"] = pixel_values[None]  # [batch 1, tiles + whole images, 3, H, W]
         return kw
 
     @classmethod
@@ -66,13 +67,23 @@ class Idefics3Adapter(Adapter):
         ip = processor.image_processor if processor is not None else None
         n = cls.num_image_tokens(config)
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+        longest = size_of(getattr(ip, "size", None), "longest_edge") if getattr(ip, "do_resize", False) else None
+        tiles = ip is not None and bool(getattr(ip, "do_image_splitting", False))
+        tile = size_of(getattr(ip, "max_image_size", None), "longest_edge")
+        if (tiles or longest) and tile != vc.image_size:
+            from edgemed.errors import BadInputError
+
+            raise BadInputError("preprocessor_config.json max_image_size", f"is {tile}, the vision tower takes "
+                                f"{vc.image_size}", "set max_image_size.longest_edge to the tower's image_size")
         return ImageFacts(
             image_size=vc.image_size,
             patch_size=vc.patch_size,
             image_mean=list(getattr(ip, "image_mean", [0.5, 0.5, 0.5])),
             image_std=list(getattr(ip, "image_std", [0.5, 0.5, 0.5])),
             resample=pil_resample_name(getattr(ip, "resample", 1)),
-            resize_mode="squash",
+            resize_mode="longest_edge" if longest else "squash",
+            longest_edge=longest,
+            tile_marker="<fake_token_around_image>" if tiles else None,
             rescale_factor=float(getattr(ip, "rescale_factor", 1 / 255)),
             num_image_tokens=int(n),
             image_token=token,
