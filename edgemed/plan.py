@@ -305,6 +305,7 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
             f"leaves {target.usable_memory_gb:g} GB for a model"
         )
     reasons += backend.build_reasons(comps, usable)
+    reasons += backend.model_reasons()
     return Plan(
         model=source, family=shape.family, recipe=recipe.name, target=target.name, format=fmt,
         context_tokens=context_tokens, components=comps, artifact_bytes=artifact, kv_cache_bytes=kv, kv_copies=kv_copies,

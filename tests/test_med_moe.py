@@ -241,6 +241,8 @@ def test_gguf_is_refused_naming_the_missing_llama_cpp_architecture(med_moe, tmp_
     err = capsys.readouterr().err
     assert "PHIMOE" in err and "shared expert" in err and "int8" in err
     assert not (tmp_path / "g").exists()
+    assert main(["plan", str(med_moe), "--recipe", "q8_0"]) == 2  # plan says so before any heavy work
+    assert "cannot be written as GGUF" in capsys.readouterr().err
 
 
 def test_convert_loads_with_transformers_once_edgemed_registers_the_decoder(med_moe, tmp_path):

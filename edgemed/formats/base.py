@@ -103,6 +103,11 @@ class FormatBackend:
         """Why building the artifact on the target would not fit (an engine build), if anything."""
         return []
 
+    def model_reasons(self) -> list[str]:
+        """Why this format cannot hold the model at all (`self.shape`), if anything: said by plan
+        before compress would find it out."""
+        return []
+
     # --- run time ---------------------------------------------------------------------------------
     @classmethod
     def required_files(cls, manifest) -> list[str]:

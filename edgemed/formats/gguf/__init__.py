@@ -36,6 +36,19 @@ class GgufBackend(FormatBackend):
     def kv_bytes_per_element(self) -> int:
         return 2  # llama.cpp's default cache type is f16
 
+    def model_reasons(self) -> list[str]:
+        """The text decoder needs an architecture llama.cpp has (formats/gguf/language.text_arch)."""
+        from edgemed.models.base import decoder_facts, decoders_with
+
+        mt = getattr(getattr(self.shape, "facts", None), "decoder_model_type", "") if self.shape is not None else ""
+        facts = decoder_facts(mt) if mt else None
+        if facts is not None and facts.gguf_missing:
+            return [f"language model '{mt}' cannot be written as GGUF: {facts.gguf_missing}"]
+        if mt and (facts is None or facts.gguf_arch is None):
+            return [f"language model '{mt}' has no GGUF writer in edgemed (GGUF supports decoders "
+                    f"{', '.join(decoders_with('gguf_arch'))})"]
+        return []
+
     @classmethod
     def required_files(cls, manifest) -> list[str]:
         image = ["mmproj-*.gguf"] if manifest.model and manifest.model.image else []
