@@ -50,3 +50,23 @@ def edgemed_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("edgemed_home")
     os.environ["EDGEMED_HOME"] = str(home)
     return home
+
+
+@pytest.fixture(scope="session")
+def transformers_logits():
+    """run(folder, image, question) -> (logits, input_ids, pixel_values): what transformers alone
+    (Auto classes, the folder's own processor and chat template) computes for one image question."""
+    def run(folder, image, question):
+        import torch
+        import transformers as tf
+
+        model = tf.AutoModelForImageTextToText.from_pretrained(folder).eval()
+        processor = tf.AutoProcessor.from_pretrained(folder)
+        msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].numpy()
+        return logits, inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy()
+
+    return run

@@ -142,12 +142,9 @@ def test_llava_med_normalised_equals_its_own_forward(replica):
     assert np.abs(ref - ours).max() < 1e-4
 
 
-def test_convert_writes_a_folder_transformers_loads_alone(replica, tmp_path):
+def test_convert_writes_a_folder_transformers_loads_alone(replica, tmp_path, transformers_logits):
     """`edgemed convert` writes the normalised LLaVA-Med as a plain transformers folder: the Auto
     classes load it without edgemed, and compute the same logits on the same processor inputs."""
-    import torch
-    import transformers as tf
-
     from edgemed.cli import main
     from edgemed.models import load_model
     from edgemed.reference.parity import parent_logits
@@ -156,16 +153,8 @@ def test_convert_writes_a_folder_transformers_loads_alone(replica, tmp_path):
     out = tmp_path / "llava-med-hf"
     assert main(["convert", str(src), "-o", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
-    model = tf.AutoModelForImageTextToText.from_pretrained(out).eval()
-    processor = tf.AutoProcessor.from_pretrained(out)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": QUESTION}]}]
-    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    with torch.no_grad():
-        theirs = model(**inputs).logits[0].numpy()
-    cm = load_model(str(src))
-    ours = parent_logits(cm, inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy())
-    assert np.abs(theirs - ours).max() < 1e-4
+    theirs, ids, pv = transformers_logits(out, _image(), QUESTION)
+    assert np.abs(theirs - parent_logits(load_model(str(src)), ids, pv)).max() < 1e-4
     assert main(["convert", str(src), "-o", str(out)]) == 2  # exists, no --overwrite
     assert main(["convert", str(src), "-o", str(out), "--overwrite"]) == 0
 

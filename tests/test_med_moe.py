@@ -219,13 +219,16 @@ def test_prompt_is_conv_phi_and_ids_equal_the_processor(med_moe):
 SLOW = pytest.mark.slow
 
 
-@pytest.mark.parametrize("recipe,max_kld", [("int8", 1e-3), pytest.param("int4", 2e-2, marks=SLOW)])
+@pytest.mark.parametrize("recipe,max_kld", [("int8", 1e-3), pytest.param("int4", 2e-2, marks=SLOW),
+                                            pytest.param("trt-int8", 1e-2, marks=SLOW)])
 def test_compresses_to_onnx_with_parity(med_moe, tmp_path, recipe, max_kld):
-    """ONNX: every expert is a MatMul the quantizer sees; parity at every position, prefill and decode."""
+    """ONNX: every expert is a MatMul the quantizer sees; parity at every position, prefill and decode
+    (trt-int8: the TensorRT Q/DQ graph, run on ONNX Runtime where there is no TensorRT)."""
     from edgemed.pipeline import compress
     from edgemed.runtime import load
 
-    res = compress(str(med_moe), [recipe], "cpu-x86-avx2", tmp_path / "a")
+    target = "jetson-orin-nano-8gb" if recipe.startswith("trt") else "cpu-x86-avx2"
+    res = compress(str(med_moe), [recipe], target, tmp_path / "a")
     p = res.manifest.parity
     assert p["top1_agreement"] > 0.9 and p["kld_mean"] < max_kld, p
     assert p["vision_cosine_min"] > 0.98 and p["processor"]["ids_equal"], p
@@ -245,12 +248,9 @@ def test_gguf_is_refused_naming_the_missing_llama_cpp_architecture(med_moe, tmp_
     assert "cannot be written as GGUF" in capsys.readouterr().err
 
 
-def test_convert_loads_with_transformers_once_edgemed_registers_the_decoder(med_moe, tmp_path):
+def test_convert_loads_with_transformers_once_edgemed_registers_the_decoder(med_moe, tmp_path, transformers_logits):
     """`edgemed convert` writes LlavaForConditionalGeneration with text_config "med_moe_phi"; after
     edgemed registers that model_type, transformers' Auto classes load it and compute the same logits."""
-    import torch
-    import transformers as tf
-
     from edgemed.cli import main
     from edgemed.models import load_model
     from edgemed.models.families.med_moe import register
@@ -260,14 +260,7 @@ def test_convert_loads_with_transformers_once_edgemed_registers_the_decoder(med_
     assert main(["convert", str(med_moe), "-o", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["text_config"]["model_type"] == "med_moe_phi"
     register()
-    model = tf.AutoModelForImageTextToText.from_pretrained(out).eval()
-    processor = tf.AutoProcessor.from_pretrained(out)
-    msgs = [{"role": "user", "content": [{"type": "image", "image": _image()}, {"type": "text", "text": QUESTION}]}]
-    inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    with torch.no_grad():
-        theirs = model(**inputs).logits[0].numpy()
-    cm = load_model(str(med_moe))
-    assert np.abs(theirs - parent_logits(cm, inputs["input_ids"][0].numpy(), inputs["pixel_values"].numpy())).max() < 1e-4
+    theirs, ids, pv = transformers_logits(out, _image(), QUESTION)
+    assert np.abs(theirs - parent_logits(load_model(str(med_moe)), ids, pv)).max() < 1e-4
     again = load_model(str(out))  # and edgemed reads its own conversion back
     assert again.text.decoder_model_type == "med_moe_phi"
