@@ -56,7 +56,10 @@ CONVERSATIONS = {
 }
 
 
-@pytest.mark.parametrize("name", ["llava-1.5-7b-hf", "llava-med-v1.5-mistral-7b"])
+IMAGE_TOKENS = {"llava-1.5-7b-hf": 576, "llava-med-v1.5-mistral-7b": 576, "gemma-3-4b-it": 256}
+
+
+@pytest.mark.parametrize("name", list(IMAGE_TOKENS))
 @pytest.mark.parametrize("conv", list(CONVERSATIONS))
 def test_ids_and_pixels_equal_the_transformers_processor(replica, name, conv):
     """Token for token and pixel for pixel (1e-5) what the processor built from the real files makes:
@@ -73,7 +76,7 @@ def test_ids_and_pixels_equal_the_transformers_processor(replica, name, conv):
     assert ids.tolist() == ref["input_ids"][0].tolist()
     assert QUESTION in cm.tokenizer.decode(ids)  # the question is never dropped
     if images:
-        assert int((ids == cm.image.image_token_id).sum()) == cm.image.num_image_tokens == 576
+        assert int((ids == cm.image.image_token_id).sum()) == cm.image.num_image_tokens == IMAGE_TOKENS[name]
         pv = preprocess(images[0], cm.image.to_dict())
         assert pv.shape == ref["pixel_values"].shape
         assert np.abs(pv - ref["pixel_values"]).max() < 1e-5
@@ -201,6 +204,8 @@ SLOW = pytest.mark.slow
 COMPRESS = [
     ("llava-1.5-7b-hf", "int8", "cpu-x86-avx2", 1e-3),
     ("llava-med-v1.5-mistral-7b", "int8", "cpu-x86-avx2", 1e-3),
+    pytest.param("gemma-3-4b-it", "int8", "cpu-x86-avx2", 1e-3, marks=SLOW),  # an 896-px tower, a 262k vocabulary
+    pytest.param("gemma-3-4b-it", "q8_0", "cpu-x86-avx2", 1e-3, marks=SLOW),
     pytest.param("llava-med-v1.5-mistral-7b", "int4", "cpu-x86-avx2", 2e-2, marks=SLOW),
     pytest.param("llava-med-v1.5-mistral-7b", "q4_k_m", "cpu-x86-avx2", 2e-2, marks=SLOW),
     pytest.param("llava-1.5-7b-hf", "q8_0", "cpu-x86-avx2", 1e-3, marks=SLOW),
@@ -218,7 +223,9 @@ def test_replica_compresses_with_parity(replica, tmp_path, name, recipe, target,
 
     res = compress(str(replica(name)), [recipe], target, tmp_path / name)
     p = res.manifest.parity
-    assert p["top1_agreement"] > 0.9 and p["kld_mean"] < max_kld, p
+    # Gemma 3's 262,208-token vocabulary behind a 64-wide random model gives near-flat logits: rounding
+    # flips near-ties at a KLD of 1e-5, so its top-1 floor is lower; the KLD bound is the same.
+    assert p["top1_agreement"] > (0.75 if name.startswith("gemma") else 0.9) and p["kld_mean"] < max_kld, p
     if "vision_upstream_issue" in p:  # llama.cpp's clip.cpp puts CLIP's class token last (the artifact says so)
         assert recipe.startswith("q") and "25814" in p["vision_upstream_issue"]
     else:
@@ -233,7 +240,7 @@ def test_replica_compresses_with_parity(replica, tmp_path, name, recipe, target,
     for conv, messages in CONVERSATIONS.items():
         assert session.conversation_ids(messages).tolist() == cm.chat.ids(cm.tokenizer, messages).tolist(), conv
     out = session.generate(messages=CONVERSATIONS["system and history"], images=[_image()], max_new_tokens=4)
-    assert out.prompt_tokens > 576 and len(out.token_ids) >= 1
+    assert out.prompt_tokens > IMAGE_TOKENS[name] and len(out.token_ids) >= 1
 
 
 def test_llava_med_as_published_uses_the_tower_copy_inside_it(replica, tmp_path):

@@ -175,6 +175,20 @@ def _write_transformers(facts: dict[str, Any], fixture: Path, out: Path) -> None
             shutil.copyfile(fixture / name, out / name)
     if facts["replica"].get("chat_template_file"):
         (out / "chat_template.jinja").write_text(facts["chat_template"])
+    if facts["replica"].get("processor"):  # the real processor files were not found: its class and settings
+        _write_processor(facts, out)
+
+
+def _write_processor(facts: dict[str, Any], out: Path) -> None:
+    import transformers as tf
+
+    spec = facts["replica"]["processor"]
+    image_processor = getattr(tf, spec["image_processor"])(**spec.get("image_processor_kwargs", {}))
+    tokenizer = tf.AutoTokenizer.from_pretrained(out)
+    kw = {"image_seq_length": spec["image_seq_length"]} if "image_seq_length" in spec else {}
+    processor = getattr(tf, spec["class"])(image_processor=image_processor, tokenizer=tokenizer,
+                                           chat_template=facts["chat_template"], **kw)
+    processor.save_pretrained(out)
 
 
 def _write_original_llava(facts: dict[str, Any], fixture: Path, out: Path) -> None:
