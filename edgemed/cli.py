@@ -285,6 +285,23 @@ def convert(
     console.print(f"wrote {out}: a transformers model folder (AutoModelForImageTextToText / AutoProcessor load it)")
 
 
+@app.command()
+def serve(
+    artifact: Path = typer.Argument(..., help="Artifact folder (verified before it is served)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback needs --api-key."),
+    port: int = typer.Option(8000, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGEMED_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every /v1 request."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: the folder's name)."),
+    queue_size: int = typer.Option(8, "--queue-size", help="Requests waiting or running; more get 503 with Retry-After."),
+):
+    """OpenAI-compatible local server: POST /v1/chat/completions (text, image_url data: URIs, DICOM,
+    stream), GET /v1/models, GET /health. Loopback by default."""
+    from edgemed.serve import serve as run
+
+    run(artifact, host=host, port=port, api_key=api_key, model_name=model_name, queue_size=queue_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps edgemed's errors to the exit codes of DESIGN.md. Usage errors (an unknown
     option, a missing argument) are click's own: usage and the error on stderr, exit code 2."""

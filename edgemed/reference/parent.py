@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgemed.calibration.builtin import PARITY_PROMPTS, synthetic_test_image
-from edgemed.runtime.session import GenerationResult, GreedyGeneration
+from edgemed.runtime.session import GreedyGeneration
 
 
 class ParentSession(GreedyGeneration):
@@ -109,13 +109,11 @@ class ParentSession(GreedyGeneration):
         logits, self._past = self._forward(np.asarray([token], np.int64), None, self._past)
         return logits
 
-    def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True,
-                 **conversation) -> GenerationResult:
-        """Greedy decoding with the parent's KV cache; times as in the artifact sessions."""
+    def _generation_context(self):
+        """Decoding with the parent's KV cache, without autograd; times as in the artifact sessions."""
         import torch
 
-        with torch.inference_mode():
-            return super().generate(image, prompt, max_new_tokens, stop_at_eos, **conversation)
+        return torch.inference_mode()
 
 
 def parity_prompt_logits(cm) -> list[np.ndarray]:

@@ -8,9 +8,11 @@ encode_image, logits) and three hooks of the loop below: `_image_input` (what it
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -58,13 +60,70 @@ class Session(Protocol):
                decode_from: int | None = None) -> np.ndarray: ...
 
     def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True, *,
-                 messages: list[dict] | None = None, images: list | None = None) -> GenerationResult: ...
+                 messages: list[dict] | None = None, images: list | None = None, **sampling) -> GenerationResult: ...
+
+    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True, *,
+               messages: list[dict] | None = None, images: list | None = None, **sampling) -> Iterator["StreamChunk"]: ...
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (temperature 0, the default), or sampled from the
+    softmax at `temperature`, cut to the `top_k` most likely tokens (0: all) and to the smallest set
+    holding `top_p` of the probability; deterministic under `seed`."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [("temperature", self.temperature, lambda v: isinstance(v, (int, float)) and 0 <= v <= 100, "0 .. 100"),
+                  ("top_p", self.top_p, lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "in (0, 1]"),
+                  ("top_k", self.top_k, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, ">= 0"),
+                  ("seed", self.seed, lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer")]
+        for name, value, ok, want in checks:
+            if not ok(value):
+                raise BadInputError(name, f"must be {want}, got {value!r}", f"pass {name} {want}")
+
+    def chooser(self):
+        """pick(logits) -> token id, with its own random generator (one per request)."""
+        if self.temperature == 0:
+            return lambda logits: int(np.argmax(logits))
+        rng = np.random.default_rng(self.seed)
+
+        def pick(logits: np.ndarray) -> int:
+            x = np.asarray(logits, np.float64).reshape(-1) / self.temperature
+            if 0 < self.top_k < x.size:
+                x[x < np.partition(x, -self.top_k)[-self.top_k]] = -np.inf
+            p = np.exp(x - x.max())
+            p /= p.sum()
+            if self.top_p < 1:
+                order = np.argsort(-p, kind="stable")
+                keep = np.cumsum(p[order]) - p[order] < self.top_p  # the smallest prefix reaching top_p
+                cut = np.zeros_like(p)
+                cut[order[keep]] = p[order[keep]]
+                p = cut / cut.sum()
+            return int(rng.choice(p.size, p=p))
+
+        return pick
+
+
+@dataclass
+class StreamChunk:
+    """One piece of a streamed answer: the new text and the tokens behind it; the last chunk has
+    `result` (the whole GenerationResult: finish_reason, token counts, timings)."""
+
+    text: str
+    token_ids: list[int]
+    result: GenerationResult | None = None
 
 
 class GreedyGeneration:
-    """generate() for a session with `eos` (a set of ids), a tokenizer whose decode takes
-    skip_special_tokens, `prompt_ids`, `context_tokens` (the most positions it holds), and the
-    three hooks."""
+    """generate() and stream() for a session with `eos` (a set of ids), a tokenizer whose decode
+    takes skip_special_tokens, `conversation_ids`, `image_grid`, `context_tokens` (the most
+    positions it holds), and the three hooks. One generation at a time per session: concurrent
+    calls from several threads wait for each other (the KV cache is the session's)."""
 
     eos: set[int]
     tokenizer: Any
@@ -86,20 +145,54 @@ class GreedyGeneration:
         """Feed one token after the cache; return its logits."""
         raise NotImplementedError  # pragma: no cover
 
+    def _generation_context(self):
+        """A context every generation runs in (the PyTorch parent: inference mode)."""
+        return contextlib.nullcontext()
+
+    @property
+    def _lock(self) -> threading.Lock:
+        return self.__dict__.setdefault("_generation_lock", threading.Lock())  # setdefault is atomic
+
     def generate(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True, *,
-                 messages: list[dict] | None = None, images: list | None = None) -> GenerationResult:
-        """Greedy decoding of the assistant's next turn.
+                 messages: list[dict] | None = None, images: list | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """The assistant's next turn.
 
         Either a conversation, `messages` (system prompt, history; content a string or typed parts
         with one {"type": "image"} per entry of `images`, in order), or the one-turn shortcut
-        `generate(image, prompt)`. Times count from the call (preprocessing and vision encoding
-        included). Decoding stops at an end-of-generation token (stop_at_eos), after
-        max_new_tokens, or when the context is full, whichever comes first; finish_reason says which."""
+        `generate(image, prompt)`. Greedy unless `temperature` > 0 (then top_k / top_p sampling,
+        reproducible with `seed`). Decoding stops at an end-of-generation token (stop_at_eos), at a
+        `stop` string (not included in the text), after max_new_tokens, when the context is full,
+        or when `cancel` is set; finish_reason says which ("stop", "length", "cancelled"). Times
+        count from the call (preprocessing and vision encoding included)."""
+        result = None
+        for chunk in self.stream(image, prompt, max_new_tokens, stop_at_eos, messages=messages, images=images,
+                                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                                 cancel=cancel):
+            result = chunk.result or result
+        return result
+
+    def stream(self, image=None, prompt: str = "", max_new_tokens: int = 64, stop_at_eos: bool = True, *,
+               messages: list[dict] | None = None, images: list | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None,
+               cancel: threading.Event | None = None) -> Iterator[StreamChunk]:
+        """generate(), yielding the text as it is decoded (StreamChunk; the last one holds the
+        result). Closing the iterator stops decoding after the current token."""
         from edgemed.runtime.prompt import conversation
 
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise BadInputError("max_new_tokens", f"must be a positive integer, got {max_new_tokens!r}", "pass e.g. 64")
+        pick = Sampling(temperature, top_p, top_k, seed).chooser()
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise BadInputError("stop", f"must be non-empty strings, got {stop!r}", "pass e.g. stop=['\\n\\n']")
         messages, images = conversation(messages, images, prompt, image)
+        with self._lock, self._generation_context():
+            yield from self._generation_loop(messages, images, max_new_tokens, stop_at_eos, pick, stops, cancel)
+
+    def _generation_loop(self, messages, images, max_new_tokens, stop_at_eos, pick, stops,
+                         cancel) -> Iterator[StreamChunk]:
         t0 = time.perf_counter()
         feats = None
         pre_s = vis_s = 0.0
@@ -120,18 +213,39 @@ class GreedyGeneration:
         logits = self._prefill(ids, feats, budget)
         out: list[int] = []
         times: list[float] = []
-        nxt = int(np.argmax(logits))
+        text, sent, sent_tokens = "", 0, 0
         finish = "length"
-        for _ in range(budget):
+        nxt = pick(logits)
+        while True:
             out.append(nxt)
             times.append(time.perf_counter() - t0)
             if stop_at_eos and nxt in self.eos:
                 finish = "stop"
                 break
+            text = self.tokenizer.decode([t for t in out if t not in self.eos], skip_special_tokens=True)
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            # Hold back a partial character and whatever could still become a stop string.
+            ready = len(text) - _held_back(text, stops)
+            if ready > sent:
+                yield StreamChunk(text[sent:ready], out[sent_tokens:])
+                sent, sent_tokens = ready, len(out)
             if len(out) == budget:
                 break
-            nxt = int(np.argmax(self._step(nxt)))
-        text_ids = [t for t in out if t not in self.eos]
-        return GenerationResult(text=self.tokenizer.decode(text_ids, skip_special_tokens=True), token_ids=out,
-                                prompt_tokens=len(ids), token_times_s=times, preprocess_s=pre_s,
-                                vision_encode_s=vis_s, finish_reason=finish)
+            if cancel is not None and cancel.is_set():
+                finish = "cancelled"
+                break
+            nxt = pick(self._step(nxt))
+        result = GenerationResult(text=text, token_ids=out, prompt_tokens=len(ids), token_times_s=times,
+                                  preprocess_s=pre_s, vision_encode_s=vis_s, finish_reason=finish)
+        yield StreamChunk(text[sent:], out[sent_tokens:], result)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters to keep unsent: a partial UTF-8 character (decoded as U+FFFD),
+    or the longest tail that begins a stop string."""
+    if text.endswith("\ufffd"):
+        return len(text) - len(text.rstrip("\ufffd"))
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
