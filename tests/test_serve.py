@@ -170,6 +170,8 @@ def test_errors_are_openai_errors_with_their_status(served, client):
             {"type": "image_url", "image_url": {"url": "https://example.org/cxr.png"}}]}])
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="cxr-int8", messages=msgs, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="cxr-int8", messages=msgs, max_tokens=0)
     with pytest.raises(openai.BadRequestError, match="could not be decoded"):
         client.chat.completions.create(model="cxr-int8", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not a png").decode()}}]}])
@@ -211,3 +213,55 @@ def test_serve_refuses_a_public_address_without_a_key(artifact):
     from edgemed.cli import main
 
     assert main(["serve", str(artifact("llava-clip", "int8")), "--host", "0.0.0.0"]) == 2
+
+
+def _browser():
+    """Headless Debian chromium driven by selenium through Debian's chromedriver (nothing downloaded)."""
+    import os
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("EDGEMED_REQUIRE_BROWSER") == "1":  # CI installs them: there, missing is a failure
+            pytest.fail("chromium and chromedriver are required (apt-get install chromium chromium-driver)")
+        pytest.skip("needs chromium and chromedriver (apt-get install chromium chromium-driver)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(options=opts, service=Service(driver))
+
+
+def test_clinic_page_streams_the_answer_in_a_real_browser(served, tmp_path):
+    """The example page edgemed serve ships at /: a PNG picked in a file input, the question, the API
+    key; the browser's fetch streams the SSE answer into the page, which equals the runtime's."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server, session = served
+    png = tmp_path / "cxr.png"
+    png.write_bytes(base64.b64decode(_png(seed=3).split(",", 1)[1]))
+    browser = _browser()
+    try:
+        browser.get(server.base_url[: -len("/v1")] + "/")
+        browser.find_element(By.ID, "image").send_keys(str(png))
+        question = browser.find_element(By.ID, "question")
+        question.clear()
+        question.send_keys(QUESTION)
+        browser.find_element(By.ID, "key").send_keys("secret-key")
+        browser.find_element(By.ID, "send").click()
+        WebDriverWait(browser, 120).until(
+            lambda b: b.find_element(By.ID, "answer").get_attribute("data-done") == "1"
+            or "error" in b.find_element(By.ID, "status").text)
+        answer = browser.find_element(By.ID, "answer").text
+        status = browser.find_element(By.ID, "status").text
+    finally:
+        browser.quit()
+    ref = session.generate(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+                           images=[png], max_new_tokens=256)
+    assert status.startswith("done"), status
+    assert answer == ref.text.strip() and answer  # the page shows the streamed text (selenium trims it)

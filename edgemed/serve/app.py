@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP app over one artifact session (Starlette; run by uvicorn).
 
+    GET  /                       an example clinic page (static/index.html): image + question, streamed answer
     GET  /health                 {"status": "ok", "model": NAME}
     GET  /v1/models              the one model this server holds
     POST /v1/chat/completions    OpenAI chat completions: text and image_url parts (data: URIs of
@@ -27,6 +28,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgemed.errors import BadInputError
@@ -68,7 +70,7 @@ def create_app(session, settings: ServeSettings):
     """The Starlette app answering for `session` (an edgemed runtime session, verified by the caller)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     slots = threading.BoundedSemaphore(settings.queue_size)
@@ -133,11 +135,15 @@ def create_app(session, settings: ServeSettings):
             "usage": _usage(result),
         })
 
+    async def page(request: Request) -> Response:
+        """The example clinic page: an image and a question, the answer streamed (static/index.html)."""
+        return FileResponse(Path(__file__).parent / "static" / "index.html", media_type="text/html")
+
     async def on_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error")
         return error_response(ApiError(500, "internal server error", "server_error"))
 
-    routes = [Route("/health", health), Route("/v1/models", models),
+    routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
               Route("/v1/chat/completions", chat, methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={Exception: on_error},
                      lifespan=_shutdown_workers(workers))
@@ -209,13 +215,15 @@ def parse_chat_request(body: dict[str, Any], settings: ServeSettings) -> dict[st
     if len(images) > settings.max_images:
         raise ApiError(400, f"{len(images)} images in one request; the limit is {settings.max_images}.",
                        param="messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or settings.max_tokens_default
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = settings.max_tokens_default if max_tokens is None else max_tokens
     opts = {"temperature": body.get("temperature", 0.0), "top_p": body.get("top_p", 1.0),
             "top_k": body.get("top_k", 0), "seed": body.get("seed"), "stop": body.get("stop")}
-    if opts["temperature"] is None:
-        opts["temperature"] = 0.0
-    if opts["top_p"] is None:
-        opts["top_p"] = 1.0
+    for key, default in (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0)):  # JSON null: the default
+        if opts[key] is None:
+            opts[key] = default
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ApiError(400, f"max_tokens must be a positive integer, got {max_tokens!r}.", param="max_tokens")
     if body.get("n", 1) not in (1, None):
         raise ApiError(400, "Only n=1 is supported.", param="n")
     stream_opts = body.get("stream_options") or {}
@@ -249,7 +257,6 @@ def decode_image_url(url: Any, where: str, settings: ServeSettings):
 
 def _load_image(data: bytes, media: str, where: str):
     import tempfile
-    from pathlib import Path
 
     from PIL import Image, UnidentifiedImageError
 
