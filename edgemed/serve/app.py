@@ -69,6 +69,7 @@ class ApiError(Exception):
 def create_app(session, settings: ServeSettings):
     """The Starlette app answering for `session` (an edgemed runtime session, verified by the caller)."""
     from starlette.applications import Starlette
+    from starlette.background import BackgroundTask
     from starlette.requests import Request
     from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
@@ -117,8 +118,10 @@ def create_app(session, settings: ServeSettings):
                                            "server_error", code="queue_full",
                                            headers={"Retry-After": str(settings.retry_after_s)}))
         if req["stream"]:
-            return StreamingResponse(_sse(session, req, rid, settings, slots, t0, workers),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            release = _once(slots.release)  # by the stream's end, or after the response if it never started
+            return StreamingResponse(_sse(session, req, rid, settings, release, t0, workers),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(release))
         try:
             result = await asyncio.get_running_loop().run_in_executor(workers, _generate, session, req)
         except ApiError as e:
@@ -304,7 +307,19 @@ def _usage(result) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": n, "total_tokens": result.prompt_tokens + n}
 
 
-async def _sse(session, req, rid, settings, slots, t0, workers):
+def _once(fn):
+    lock, done = threading.Lock(), []
+
+    def call():
+        with lock:
+            if not done:
+                done.append(True)
+                fn()
+
+    return call
+
+
+async def _sse(session, req, rid, settings, release, t0, workers):
     """Server-sent events: a role chunk, content chunks as they are decoded, the finish chunk
     (and usage when asked), then [DONE]. A client that goes away cancels decoding."""
     loop = asyncio.get_running_loop()
@@ -356,4 +371,4 @@ async def _sse(session, req, rid, settings, slots, t0, workers):
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # the client went away, or we are done: decoding stops after the current token
-        slots.release()
+        release()
