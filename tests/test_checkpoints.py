@@ -206,6 +206,9 @@ COMPRESS = [
     ("llava-med-v1.5-mistral-7b", "int8", "cpu-x86-avx2", 1e-3),
     pytest.param("gemma-3-4b-it", "int8", "cpu-x86-avx2", 1e-3, marks=SLOW),  # an 896-px tower, a 262k vocabulary
     pytest.param("gemma-3-4b-it", "q8_0", "cpu-x86-avx2", 1e-3, marks=SLOW),
+    pytest.param("gemma-3-4b-it", "int4", "cpu-x86-avx2", 2e-2, marks=SLOW),
+    pytest.param("gemma-3-4b-it", "q4_k_m", "cpu-x86-avx2", 2e-2, marks=SLOW),
+    pytest.param("gemma-3-4b-it", "trt-int8", "jetson-orin-nano-8gb", 1e-2, marks=SLOW),
     pytest.param("llava-med-v1.5-mistral-7b", "int4", "cpu-x86-avx2", 2e-2, marks=SLOW),
     pytest.param("llava-med-v1.5-mistral-7b", "q4_k_m", "cpu-x86-avx2", 2e-2, marks=SLOW),
     pytest.param("llava-1.5-7b-hf", "q8_0", "cpu-x86-avx2", 1e-3, marks=SLOW),
@@ -224,8 +227,9 @@ def test_replica_compresses_with_parity(replica, tmp_path, name, recipe, target,
     res = compress(str(replica(name)), [recipe], target, tmp_path / name)
     p = res.manifest.parity
     # Gemma 3's 262,208-token vocabulary behind a 64-wide random model gives near-flat logits: rounding
-    # flips near-ties at a KLD of 1e-5, so its top-1 floor is lower; the KLD bound is the same.
-    assert p["top1_agreement"] > (0.75 if name.startswith("gemma") else 0.9) and p["kld_mean"] < max_kld, p
+    # flips near-ties at a KLD of 1e-5 (8-bit) to 2e-4 (4-bit), so its top-1 floor is lower; the KLD
+    # bounds are the same as the other replicas'.
+    assert p["top1_agreement"] > (0.65 if name.startswith("gemma") else 0.9) and p["kld_mean"] < max_kld, p
     if "vision_upstream_issue" in p:  # llama.cpp's clip.cpp puts CLIP's class token last (the artifact says so)
         assert recipe.startswith("q") and "25814" in p["vision_upstream_issue"]
     else:

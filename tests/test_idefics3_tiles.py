@@ -105,6 +105,19 @@ def test_ids_and_pixels_equal_the_processor(tiled, conv):
         cm.chat.ids(cm.tokenizer, messages)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,target", [("int4", "cpu-x86-avx2"), ("q8_0", "cpu-x86-avx2"),
+                                           ("q4_k_m", "cpu-x86-avx2"), ("trt-int8", "jetson-orin-nano-8gb")])
+def test_tiled_model_compresses_to_every_format(tiled, tmp_path, recipe, target):
+    """The tiled model through ONNX int4, GGUF (llama.cpp feeds its overview image: the processor check
+    and parity use the tiles on the ONNX/TensorRT side only) and the TensorRT Q/DQ graph."""
+    from edgemed.pipeline import compress
+
+    res = compress(str(tiled), [recipe], target, tmp_path / "a")
+    p = res.manifest.parity
+    assert p["processor"]["ids_equal"] and p["kld_mean"] < 2e-2 and p["top1_agreement"] > 0.8, p
+
+
 def test_artifact_answers_as_the_parent_on_tiled_images(tiled, tmp_path):
     """compress checks the processor's ids and pixels (tiles included), then parity; the ONNX session
     tiles each image itself and decodes what the parent decodes for a two-image conversation."""

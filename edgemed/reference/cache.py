@@ -327,23 +327,32 @@ def compare_with_reference(session, ref_path: str | Path, *, generate: bool = Tr
     offsets, ids_all = arrays["offsets"], arrays["ids"]
     images = arrays.get("images")
     klds, agrees, pairs, rows, notes = [], [], [], [], []
-    mismatched_prompts = 0
+    mismatched_prompts = own_image_prompts = 0
     for i, rec in enumerate(meta["items"]):
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         ids = ids_all[lo:hi].astype(np.int64)
         img = images[rec["image_index"]] if rec["image_index"] >= 0 and images is not None else None
         pv = session.pixel_values(img) if img is not None else None
-        got = session.logits(ids, pv)
+        plen = int(arrays["prompt_lens"][i])
+        own = session.prompt_ids(rec["prompt"], img is not None, session.image_grid(img) if img is not None else (0, 0))
+        image_id = (getattr(session, "image", None) or {}).get("image_token_id")
+        if img is not None and int((own == image_id).sum()) != int((ids[:plen] == image_id).sum()):
+            # The session builds its own image block (GGUF: llama.cpp's overview image where the parent
+            # saw tiles): teacher-force the parent's answer after the session's own prompt and compare
+            # the answer positions, which correspond one to one.
+            own_image_prompts += 1
+            got = session.logits(np.concatenate([own, ids[plen:]]), pv)[len(own) - 1:]
+            kld, agree = _kld_rows(meta, arrays, lo + plen - 1, hi, got)
+        else:
+            got = session.logits(ids, pv)
+            kld, agree = _kld_rows(meta, arrays, lo, hi, got)
         if got.shape[-1] != meta["vocab_size"]:
             raise BadInputError(str(ref_path), f"artifact vocabulary {got.shape[-1]} != parent's {meta['vocab_size']}",
                                 "the reference belongs to another model")
-        kld, agree = _kld_rows(meta, arrays, lo, hi, got)
         klds.append(kld)
         agrees.append(agree)
         if not generate:
             continue
-        plen = int(arrays["prompt_lens"][i])
-        own = session.prompt_ids(rec["prompt"], img is not None, session.image_grid(img) if img is not None else (0, 0))
         if len(own) != plen or not np.array_equal(own, ids[:plen]):
             mismatched_prompts += 1
         ans = session.generate(img, rec["prompt"], max_new_tokens=meta["max_new_tokens"], stop_at_eos=True).text
@@ -364,6 +373,10 @@ def compare_with_reference(session, ref_path: str | Path, *, generate: bool = Tr
     }
     if not generate:
         return out
+    if own_image_prompts:
+        notes.append(f"{own_image_prompts} image prompts hold a different image block in the artifact (its own "
+                     "preprocessing, e.g. llama.cpp's overview image instead of tiles): their teacher-forced numbers "
+                     "cover the answer positions only")
     if mismatched_prompts:
         notes.append(f"{mismatched_prompts} prompts tokenize differently in the artifact than in the parent: "
                      "teacher-forced numbers use the parent's ids, answers the artifact's own")
