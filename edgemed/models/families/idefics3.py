@@ -70,11 +70,15 @@ class Idefics3Adapter(Adapter):
         longest = size_of(getattr(ip, "size", None), "longest_edge") if getattr(ip, "do_resize", False) else None
         tiles = ip is not None and bool(getattr(ip, "do_image_splitting", False))
         tile = size_of(getattr(ip, "max_image_size", None), "longest_edge")
-        if (tiles or longest) and tile != vc.image_size:
-            from edgemed.errors import BadInputError
+        from edgemed.errors import BadInputError
 
+        if (tiles or longest) and tile != vc.image_size:
             raise BadInputError("preprocessor_config.json max_image_size", f"is {tile}, the vision tower takes "
                                 f"{vc.image_size}", "set max_image_size.longest_edge to the tower's image_size")
+        if tiles and not longest:
+            raise BadInputError("preprocessor_config.json do_image_splitting", "is on with do_resize off; edgemed "
+                                "cuts tiles after the longest-edge resize, as SmolVLM's and Idefics3's configs do",
+                                "set do_resize true with size.longest_edge, or do_image_splitting false")
         return ImageFacts(
             image_size=vc.image_size,
             patch_size=vc.patch_size,
