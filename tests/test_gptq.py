@@ -75,3 +75,47 @@ def test_mse_grid_has_less_weight_error_than_round_to_nearest():
     qi, si, zi = mse_quantize(w, block, importance=imp)
     err_on = lambda d: ((d - w)[:8] ** 2).sum()  # noqa: E731
     assert err_on(_dequant(qi, si, zi, block)) < err_on(_dequant(q, s, z, block))
+
+
+def _two_matmuls(k=64, n=32, seed=3):
+    rng = np.random.default_rng(seed)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [k, k], rng.normal(size=(k, k)).astype(np.float32).tobytes(), raw=True)
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [k, n], rng.normal(size=(k, n)).astype(np.float32).tobytes(), raw=True)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="m1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="m2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], initializer=[w1, w2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_probe_past_protobufs_limit_goes_through_external_data_and_leaves_the_model(tmp_path):
+    """The >2 GB probe crash: ByteSize() raises past 2 GB, so the size is counted from the tensors and
+    a big graph is handed to ONNX Runtime as a file with external data, without a copy of the
+    weights and without emptying the caller's tensors (here forced with a 0-byte limit)."""
+    from edgemed.formats.onnx.graph import session_source, tensor_bytes
+
+    model = _two_matmuls()
+    before = model.SerializeToString()
+    assert tensor_bytes(model) == 4 * (64 * 64 + 64 * 32)
+    x = np.random.default_rng(4).normal(size=(5, 64)).astype(np.float32)
+    source = session_source(model, tmp_path, limit=0)
+    assert isinstance(source, str) and (tmp_path / "probe.onnx.data").stat().st_size == tensor_bytes(model)
+    assert (tmp_path / "probe.onnx").stat().st_size < 1000  # the graph alone
+    y_file = ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    y_bytes = ort.InferenceSession(session_source(model, tmp_path), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    np.testing.assert_array_equal(y_file, y_bytes)
+    assert model.SerializeToString() == before
+
+
+def test_calibration_inputs_probe_hidden_tensors_and_restore_the_outputs():
+    from edgemed.formats.onnx.int4.grids import calibration_inputs
+
+    model = _two_matmuls()
+    before = model.SerializeToString()
+    x = np.random.default_rng(5).normal(size=(5, 64)).astype(np.float32)
+    (got,) = list(calibration_inputs(model, ["r", "x"], [{"x": x}]))
+    w1 = np.frombuffer(model.graph.initializer[0].raw_data, np.float32).reshape(64, 64)
+    np.testing.assert_allclose(got["r"], np.maximum(x @ w1, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got["x"], x.astype(np.float64))
+    assert model.SerializeToString() == before

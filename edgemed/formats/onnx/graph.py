@@ -142,11 +142,82 @@ def by_fitted_block(model, nodes: list[str], block: int) -> dict[int, list[str]]
     return groups
 
 
+PROTO_LIMIT = 1_800_000_000  # protobuf caps a message at 2 GB; keep a margin for the graph itself
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of weights a ModelProto holds in itself. Protobuf's ByteSize() raises EncodeError
+    past 2 GB instead of answering, so the size is counted from the tensors."""
+    return sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data) + 4 * len(t.int32_data)
+               for t in _tensors(model.graph))
+
+
+def session_source(model, folder: Path, min_bytes: int = 1024, limit: int = PROTO_LIMIT):
+    """What onnxruntime.InferenceSession takes for `model`: its bytes when under protobuf's
+    limit, else the path of a copy in `folder` whose large initializers are in one external-data
+    file. `model` is left as it was (onnx.save with external data would empty its tensors), and no
+    second in-memory copy of the weights is made: each tensor's bytes are written out, detached
+    while the graph is serialized, then put back."""
+    if tensor_bytes(model) < limit:
+        return model.SerializeToString()
+    from onnx import TensorProto
+
+    folder = Path(folder)
+    data_name = "probe.onnx.data"
+    moved = []
+    try:
+        with open(folder / data_name, "wb") as out:
+            for t in model.graph.initializer:
+                if len(t.raw_data) < min_bytes:
+                    continue
+                offset = out.tell()
+                raw = t.raw_data
+                out.write(raw)
+                moved.append((t, raw))
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                del raw
+        path = folder / "probe.onnx"
+        path.write_bytes(model.SerializeToString())
+        return str(path)
+    finally:
+        for t, raw in moved:
+            t.ClearField("external_data")
+            t.ClearField("data_location")
+            t.raw_data = raw
+
+
+def probe_session(model, tensors: list[str]):
+    """An ONNX Runtime CPU session of `model` with the named intermediate tensors as extra fp32
+    outputs (for calibration statistics). The outputs are added in place and taken off again, and
+    the session reads a graph past protobuf's 2 GB limit through external data (session_source):
+    a copy of the model would hold a second set of weights (4.4 GB for a 1.1B decoder in fp32)."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    kept = len(model.graph.output)
+    have = {o.name for o in model.graph.output}
+    for name in dict.fromkeys(tensors):
+        if name not in have:
+            model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgemed-probe-") as tmp:
+            return ort.InferenceSession(session_source(model, Path(tmp)), opts, providers=["CPUExecutionProvider"])
+    finally:
+        del model.graph.output[kept:]
+
+
 def save_model(model, path: Path) -> None:
     import onnx
 
-    # Protobuf caps a file at 2 GB; ByteSize() itself fails past that, so count the tensors.
-    big = sum(len(t.raw_data) for t in model.graph.initializer) > 1_800_000_000
+    big = tensor_bytes(model) > PROTO_LIMIT
     data = path.with_suffix(".onnx.data")
     if data.exists():
         data.unlink()

@@ -204,20 +204,12 @@ def _input_second_moments(model, nodes: list[str], feeds: list[dict]):
     """{node: mean x_k^2 over every calibration row} for the activation input of each node, from
     the float graph (ONNX Runtime with the inputs exposed as extra outputs)."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
+
+    from edgemed.formats.onnx.graph import probe_session
 
     by_name = {n.name: n for n in model.graph.node}
     wanted = {name: by_name[name].input[0] for name in nodes}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for t in sorted(set(wanted.values()) - have):
-        probe.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = probe_session(model, sorted(set(wanted.values())))
     names = [o.name for o in sess.get_outputs()]
     inputs = {i.name for i in sess.get_inputs()}
     sums: dict[str, Any] = {}

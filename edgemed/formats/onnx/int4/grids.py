@@ -13,38 +13,20 @@ the calibration set's variety matters more than its size.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 
 def calibration_inputs(model, input_names: list[str], feeds: list[dict]):
     """For each calibration feed, {name: the tensor as [tokens, features] float64} for every tensor
     in input_names, from one run of the fp32 graph with those tensors added as outputs."""
-    import tempfile
+    from edgemed.formats.onnx.graph import probe_session
 
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    probe = type(model)()
-    probe.CopyFrom(model)
-    for name in input_names:
-        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="edgemed-probe-") as tmp:
-        if probe.ByteSize() < 1_800_000_000:
-            source = probe.SerializeToString()
-        else:  # protobuf's 2 GB limit: weights go to an external-data file beside the probe
-            source = str(Path(tmp) / "probe.onnx")
-            onnx.save(probe, source, save_as_external_data=True, location="probe.onnx.data")
-        sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
-        names = {i.name for i in sess.get_inputs()}
-        outs = [o.name for o in sess.get_outputs()]
-        for feed in feeds:
-            values = dict(zip(outs, sess.run(None, {k: v for k, v in feed.items() if k in names})))
-            yield {n: values[n].reshape(-1, values[n].shape[-1]).astype(np.float64) for n in input_names}
+    sess = probe_session(model, input_names)
+    names = {i.name for i in sess.get_inputs()}
+    outs = [o.name for o in sess.get_outputs()]
+    for feed in feeds:
+        values = dict(zip(outs, sess.run(None, {k: v for k, v in feed.items() if k in names})))
+        yield {n: values[n].reshape(-1, values[n].shape[-1]).astype(np.float64) for n in input_names}
 
 
 def hessians(model, input_names: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
