@@ -46,6 +46,8 @@ def compress(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load pickle (.bin) checkpoints; they can run code when loaded."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the model repository's own Python code."),
     vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="Folder of the CLIP tower that a LLaVA-Med-style checkpoint names in mm_vision_tower."),
+    host_memory_gb: Optional[float] = typer.Option(
+        None, "--host-memory-gb", help="RAM the plan checks compress against (default: this machine's available memory)."),
 ):
     """Compress MODEL with the recipe(s) for the target into an artifact folder with manifest.json."""
     from edgemed.pipeline import compress as run
@@ -54,7 +56,7 @@ def compress(
         task = prog.add_task("start", total=None)
         result = run(model, recipe or None, target, output, overwrite=overwrite, allow_pickle=allow_pickle,
                      trust_remote_code=trust_remote_code, progress=lambda m: prog.update(task, description=m),
-                     vision_tower=vision_tower)
+                     vision_tower=vision_tower, host_memory_gb=host_memory_gb)
         prog.update(task, description="done")
     _print_artifact(result.manifest, result.output)
 
@@ -103,14 +105,18 @@ def plan(
                    "the target if that still holds one image and a short exchange."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="Folder of the CLIP tower that a LLaVA-Med-style checkpoint names in mm_vision_tower."),
+    host_memory_gb: Optional[float] = typer.Option(
+        None, "--host-memory-gb", help="RAM of the machine that will run compress (default: this machine's available memory)."),
 ):
-    """Check recipe x target x model before any heavy work: sizes, memory, decode ceiling."""
+    """Check recipe x target x model before any heavy work: sizes, memory, decode ceiling, and the
+    RAM and disk that compress needs on the host."""
     from edgemed.demo import resolve_model
     from edgemed.pipeline import resolve
     from edgemed.plan import check_feasible, plan as make_plan
 
     r, tgt = resolve(recipe or None, target)
-    p = make_plan(resolve_model(model), r, tgt, context_tokens=context, vision_tower=vision_tower)
+    p = make_plan(resolve_model(model), r, tgt, context_tokens=context, vision_tower=vision_tower,
+                  host_memory_gb=host_memory_gb)
     if json_out:
         console.print_json(json.dumps(p.to_dict()))
     else:
@@ -131,6 +137,10 @@ def plan(
                 console.print(f"{c}: {e['note']}")
         for n in d["notes"]:
             console.print(f"note: {n}")
+        h = d["host"]
+        console.print(f"host: compress needs about {h['peak_ram_gb']} GB of RAM ("
+                      + ", ".join(f"{k} {v}" for k, v in h["parts_gb"].items())
+                      + f") and {h['disk_gb']} GB of disk; {h['memory_source']}: {h['memory_gb']} GB")
     check_feasible(p)
     console.print("[green]feasible[/green]")
 

@@ -107,13 +107,16 @@ def compress(
     progress: Callable[[str], None] | None = None,
     skip_plan: bool = False,
     vision_tower: str | None = None,
+    host_memory_gb: float | None = None,
 ) -> CompressResult:
     """Compress MODEL (None = the bundled demo model) with the recipe(s) (names, YAML files or Recipe
     objects; None: int8) for the target (None: this host's CPU) into `output` (None: default_output).
 
     Raises BadInputError / InfeasiblePlanError (exit 2) before any heavy work, and GateFailedError
     (exit 3) after writing an artifact whose manifest says `rejected`. `vision_tower`: the folder of
-    the CLIP tower a LLaVA-Med-style checkpoint names in mm_vision_tower (default: that name)."""
+    the CLIP tower a LLaVA-Med-style checkpoint names in mm_vision_tower (default: that name).
+    The plan checks this host's available RAM and free disk first (plan.host_estimate);
+    `host_memory_gb` overrides the RAM it is checked against (e.g. where swap is meant to take it)."""
     from edgemed.demo import resolve_model
     from edgemed.reference.parity import check_parity, evaluate_gates
 
@@ -130,7 +133,7 @@ def compress(
     if not skip_plan:
         from edgemed.plan import check_feasible, plan
 
-        p = plan(source, recipe, tgt, vision_tower=vision_tower)
+        p = plan(source, recipe, tgt, vision_tower=vision_tower, host_memory_gb=host_memory_gb, output=output)
         check_feasible(p)
         plan_dict = p.to_dict()
     if recipe.format is None:
@@ -161,6 +164,9 @@ def compress(
             say(f"step {step.name}")
             step.run(ctx)
         _save_tokenizer(cm, tmp)
+        from edgemed.formats.base import backend_for
+
+        backend_for(recipe, tgt).finish(ctx)
         say("parity against the PyTorch parent")
         from edgemed.runtime import open_session
 

@@ -14,6 +14,7 @@ measures the real ones (report.json `roofline.fraction` compares the two).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -48,6 +49,26 @@ class ComponentEstimate(BaseModel):
     note: str = ""
 
 
+class HostEstimate(BaseModel):
+    """What `edgemed compress` needs of the machine that runs it (sizes in bytes)."""
+
+    memory_bytes: int  # RAM the estimate is checked against
+    memory_source: str  # where memory_bytes came from
+    disk_free_bytes: int | None  # free space where the artifact is written (None: not checked)
+    peak_ram_bytes: int
+    disk_bytes: int  # the artifact plus compress's scratch beside it
+    parts: dict[str, int]  # what the peak is made of
+    feasible: bool
+    reasons: list[str] = []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"memory_gb": round(self.memory_bytes / GB, 2), "memory_source": self.memory_source,
+                "disk_free_gb": None if self.disk_free_bytes is None else round(self.disk_free_bytes / GB, 2),
+                "peak_ram_gb": round(self.peak_ram_bytes / GB, 2), "disk_gb": round(self.disk_bytes / GB, 2),
+                "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
+                "feasible": self.feasible, "reasons": list(self.reasons)}
+
+
 class Plan(BaseModel):
     """The planner's verdict for one model x recipe x target (sizes in bytes; to_dict gives MB)."""
 
@@ -72,6 +93,7 @@ class Plan(BaseModel):
     reasons: list[str] = []
     fixes: list[str] = []
     notes: list[str] = []
+    host: HostEstimate | None = None  # the compressing machine's side (None: not asked)
 
     @property
     def total_params(self) -> int:
@@ -115,13 +137,15 @@ class Plan(BaseModel):
             "reasons": list(self.reasons),
             "fixes": list(self.fixes),
             "notes": list(self.notes),
+            "host": self.host.to_dict() if self.host else None,
         }
 
 
 # --- the public API ------------------------------------------------------------------------
 
 def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int | None = None,
-         vision_tower: str | None = None) -> Plan:
+         vision_tower: str | None = None, host_memory_gb: float | None = None,
+         output: str | Path | None = None) -> Plan:
     """Estimate sizes, run-time memory and the decode ceiling, and list every reason the
     combination cannot run. Reads config.json only: a folder holding just that is enough.
 
@@ -129,11 +153,17 @@ def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int 
     fitting, the longest context that fits if it still holds one image and a short exchange
     (image tokens + MIN_TURN_TOKENS), as one would start llama.cpp with `-c`; the plan says so in
     its notes. A context given explicitly is planned as given. `vision_tower`: the CLIP tower's folder
-    for a LLaVA-Med-style checkpoint that names it in mm_vision_tower."""
+    for a LLaVA-Med-style checkpoint that names it in mm_vision_tower.
+
+    The host side (`plan.host`, see host_estimate): the peak RAM and disk `compress` needs for this
+    model x recipe, checked against `host_memory_gb` (None: this machine's available memory) and
+    the free space where `output` (None: the current folder) will be written; a host that cannot
+    compress it makes the plan infeasible too, with its own fixes."""
     from edgemed.models import adapter_for, load_config
 
     config = load_config(model_source, vision_tower=vision_tower)
     adapter = adapter_for(config, model_source)
+    parent_params = sum(_ModelShape.from_config(adapter, config).counts.values())
     config = _apply_step_config_hooks(recipe, config)
     shape = _ModelShape.from_config(adapter, config)
     context = context_tokens or DEFAULT_CONTEXT_TOKENS
@@ -146,9 +176,15 @@ def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int 
                 shorter.notes.append(f"context limited to {fit} tokens, the most that fits {target.name} "
                                      f"({context} would need {p.runtime_memory_bytes / GB:.2f} GB); "
                                      f"--context sets it")
-                return shorter
+                p = shorter
     if not p.feasible:
-        p.fixes = _fixes(shape, recipe, target, context, p)
+        p.fixes = _fixes(shape, recipe, target, p.context_tokens, p)
+    host = host_estimate(shape, recipe, target, parent_params, host_memory_gb, output)
+    p.host = host
+    if not host.feasible:
+        p.feasible = False
+        p.reasons += [f"host: {r}" for r in host.reasons]
+        p.fixes += _host_fixes(shape, recipe, target, parent_params, host)
     return p
 
 
@@ -313,6 +349,97 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
         usable_memory_bytes=usable, bytes_per_token=per_token, memory_bandwidth_gb_s=target.memory_bandwidth_gb_s,
         decode_ceiling_tok_s=ceiling, feasible=not reasons, reasons=reasons,
     )
+
+
+# --- the host that compresses ---------------------------------------------------------------
+
+# Python with torch, transformers and ONNX Runtime imported, before any weights (bench_memory.py).
+HOST_PROCESS_BYTES = 900_000_000
+# Left free for the OS and everything else on the host.
+HOST_MARGIN_FRACTION = 0.05
+
+
+def host_memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """This machine's available memory now (MemAvailable: free plus what the kernel can reclaim),
+    or less where this process's cgroup (a container, a CI job) caps it: /proc/meminfo shows the
+    whole machine inside a container."""
+    import psutil
+
+    available = int(psutil.virtual_memory().available)
+    try:
+        cap = (cgroup / "memory.max").read_text().strip()
+        used = int((cgroup / "memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return available
+    return min(available, int(cap) - used) if cap.isdigit() else available
+
+
+def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_params: int,
+                  host_memory_gb: float | None = None, output: str | Path | None = None) -> HostEstimate:
+    """Peak RAM and disk of `edgemed compress` for this model x recipe:
+
+        peak = process + parent in fp32 (compress loads it so and keeps it throughout)
+               + the teacher's copy where the recipe distills, + what a step holds of its own
+                 (Step.host_bytes: distill's gradients and AdamW moments)
+               + the format's export/quantize transient (FormatBackend.host_transient x the parent's
+                 fp32 bytes + host_transient_fixed: graphs, sessions, calibration tensors)
+        disk = the artifact + scratch (FormatBackend.host_scratch x the fp32 bytes)
+
+    The factors are fitted to peak RSS measured by bench/bench_memory.py (its results.md compares
+    each prediction with the measurement)."""
+    import shutil
+
+    backend = backend_for(recipe, target, shape)
+    fp32 = 4 * parent_params  # the model as given, before a recipe's pruning
+    parts = {"process": HOST_PROCESS_BYTES, "parent (fp32)": fp32}
+    if any(s.step == "distill" for s in recipe.steps):
+        parts["teacher copy (distill)"] = fp32
+    from edgemed.steps import STEPS
+
+    for spec in recipe.steps:  # a step that holds memory of its own says how much (e.g. distill's optimizer)
+        if hasattr(STEPS.get(spec.step), "host_bytes"):
+            parts[f"{spec.step} step"] = int(spec.build().host_bytes(shape))
+    if recipe.format is not None:
+        parts[f"{recipe.format} export and quantize"] = int(backend.host_transient * fp32 + backend.host_transient_fixed)
+    peak = sum(parts.values())
+    artifact = _estimate(shape, recipe, target, DEFAULT_CONTEXT_TOKENS, "").artifact_bytes if recipe.format else 0
+    disk = int(artifact + backend.host_scratch * fp32)
+    if host_memory_gb is not None:
+        memory, source = int(host_memory_gb * GB), "--host-memory-gb"
+    else:
+        memory, source = host_memory_available(), "available memory of this machine"
+    where = Path(output) if output is not None else Path.cwd()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free if host_memory_gb is None else None
+    reasons = []
+    if peak > memory * (1 - HOST_MARGIN_FRACTION):
+        biggest = max((k for k in parts if k != "process"), key=parts.get)
+        reasons.append(f"compress needs about {peak / GB:.1f} GB of RAM ({', '.join(f'{k} {v / GB:.1f}' for k, v in parts.items())}), "
+                       f"but {source} is {memory / GB:.1f} GB (largest part: {biggest})")
+    if free is not None and disk > free:
+        reasons.append(f"compress needs about {disk / GB:.1f} GB of disk at {where}, which has {free / GB:.1f} GB free")
+    return HostEstimate(memory_bytes=memory, memory_source=source, disk_free_bytes=free, peak_ram_bytes=peak,
+                        disk_bytes=disk, parts=parts, feasible=not reasons, reasons=reasons)
+
+
+def _host_fixes(shape: _ModelShape, recipe: Recipe, target: Target, parent_params: int,
+                host: HostEstimate) -> list[str]:
+    fixes = []
+    fits = []
+    for r in _shipped("recipes"):
+        if r.name == recipe.name or r.format is None:
+            continue
+        alt = host_estimate(shape, r, target, parent_params, host.memory_bytes / GB)
+        if alt.peak_ram_bytes <= host.memory_bytes * (1 - HOST_MARGIN_FRACTION) and \
+                _estimate(shape, r, target, DEFAULT_CONTEXT_TOKENS, "").feasible:
+            fits.append((alt.peak_ram_bytes, f"--recipe {r.name} ({alt.peak_ram_bytes / GB:.1f} GB)"))
+    if fits:
+        fixes.append(f"a recipe this host can compress for {target.name}: " + ", ".join(s for _, s in sorted(fits)[:4]))
+    need = host.peak_ram_bytes / (1 - HOST_MARGIN_FRACTION) / GB
+    fixes.append(f"compress on a machine with at least {math.ceil(need)} GB of free RAM "
+                 f"(`edgemed plan --host-memory-gb N` checks another machine's size)")
+    return fixes
 
 
 # --- fix hints: computed, never guessed -----------------------------------------------------

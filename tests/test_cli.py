@@ -46,13 +46,22 @@ def test_plan_refuses_fp16_7b_on_orin_nano(llava7b_config, capsys):
 
 
 def test_plan_accepts_int4_7b_where_it_fits_and_prints_components(llava7b_config, capsys):
-    assert main(["plan", str(llava7b_config), "--recipe", "int4", "--target", "jetson-orin-nx-16gb"]) == 0
+    assert main(["plan", str(llava7b_config), "--recipe", "int4", "--target", "jetson-orin-nx-16gb",
+                 "--host-memory-gb", "96"]) == 0
     out = capsys.readouterr().out
     for comp in ("vision", "projector", "embed", "language", "lm_head", "feasible"):
         assert comp in out
-    assert main(["plan", str(llava7b_config), "--recipe", "int4", "--target", "jetson-orin-nx-16gb", "--json"]) == 0
+    assert main(["plan", str(llava7b_config), "--recipe", "int4", "--target", "jetson-orin-nx-16gb", "--json",
+                 "--host-memory-gb", "96"]) == 0
     d = json.loads(capsys.readouterr().out.split("\nfeasible")[0])
     assert d["feasible"] and d["components"]["language"]["precision"] == "int4"
+
+
+def test_plan_refuses_a_host_that_cannot_compress(llava7b_config, capsys):
+    assert main(["plan", str(llava7b_config), "--recipe", "int4", "--target", "jetson-orin-nx-16gb",
+                 "--host-memory-gb", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "host: compress needs about" in err and "parent (fp32) 28.3" in err and "GB of free RAM" in err
 
 
 def test_plan_refuses_unknown_target(llava7b_config, capsys):
@@ -69,7 +78,8 @@ def test_compress_bad_recipe_exits_2_and_leaves_nothing(tiny_dir, tmp_path, caps
 
 def test_compress_config_only_exits_2(llava7b_config, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["compress", str(llava7b_config), "--recipe", "int4", "--target", "cpu-x86-avx2", "-o", str(out)])
+    code = main(["compress", str(llava7b_config), "--recipe", "int4", "--target", "cpu-x86-avx2", "-o", str(out),
+                 "--host-memory-gb", "512"])  # past the host check (a 7B needs more RAM than this machine has)
     assert code == 2 and "no weights" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

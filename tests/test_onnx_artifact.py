@@ -11,7 +11,8 @@ import pytest
 from edgemed.artifact import read_manifest, verify
 from no_torch import BLOCK_TORCH
 
-LAYOUT = {"vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx", "tokenizer.json", "manifest.json"}
+LAYOUT = {"onnx/vision_encoder.onnx", "onnx/embed_tokens.onnx", "onnx/decoder_model_merged.onnx", "tokenizer.json",
+          "manifest.json", "config.json", "generation_config.json"}
 
 
 def _ops(path):
@@ -31,7 +32,7 @@ def test_fp32_export_matches_parent(artifact):
 @pytest.mark.parametrize("recipe", ["int8", "int4", "int4-fast", "int4-gptq"])
 def test_quantized_artifact_layout_and_manifest(artifact, recipe):
     out = artifact("llava-siglip", recipe)
-    assert LAYOUT <= {p.name for p in out.iterdir()}
+    assert LAYOUT <= {p.relative_to(out).as_posix() for p in out.rglob("*")}
     m = read_manifest(out)
     written = json.loads((out / "manifest.json").read_text())
     for key in ("schema_version", "created_utc", "edgemed_version", "source", "recipe", "target", "calibration",
@@ -40,21 +41,21 @@ def test_quantized_artifact_layout_and_manifest(artifact, recipe):
     assert m.status == "ok"
     assert m.recipe["steps"][1]["args"]["int4"]["block_size"] == 32  # resolved defaults
     assert all(len(f.sha256) == 64 for f in m.files)
-    assert {f.path for f in m.files} >= {"decoder_model_merged.onnx", "vision_encoder.onnx"}
-    dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    assert {f.path for f in m.files} >= {"onnx/decoder_model_merged.onnx", "onnx/vision_encoder.onnx"}
+    dec = onnx.load(str(out / "onnx" / "decoder_model_merged.onnx"), load_external_data=False)
     ins = [i.name for i in dec.graph.input]
     assert {"inputs_embeds", "attention_mask", "past_key_values.1.value"} <= set(ins)
     assert "present.1.value" in [o.name for o in dec.graph.output]
     language = {"int8": {8}, "int4": {4, 8}}.get(recipe, {4})
-    assert _bits_by_component(out / "decoder_model_merged.onnx") == {"language": language, "lm_head": {8}}
+    assert _bits_by_component(out / "onnx" / "decoder_model_merged.onnx") == {"language": language, "lm_head": {8}}
     if recipe == "int4":  # attention q/k/v and MLP down at int8 on a CPU target, the rest int4
         for n in dec.graph.node:
             if n.op_type == "MatMulNBits" and "language" in str(n.metadata_props):
                 bits = next(a.i for a in n.attribute if a.name == "bits")
                 assert (bits == 8) == any(p in n.name for p in ("q_proj", "k_proj", "v_proj", "down_proj")), n.name
-        assert "GatherBlockQuantized" in _ops(out / "embed_tokens.onnx")  # int8 embedding table
+        assert "GatherBlockQuantized" in _ops(out / "onnx" / "embed_tokens.onnx")  # int8 embedding table
     # The vision tower and projector stay >= 8 bit in every shipped recipe.
-    assert _bits_by_component(out / "vision_encoder.onnx") == {"vision": {8}, "projector": {8}}
+    assert _bits_by_component(out / "onnx" / "vision_encoder.onnx") == {"vision": {8}, "projector": {8}}
     assert m.parity["kld_mean"] < 0.05
 
 
@@ -83,7 +84,7 @@ def test_int8_logits_close_to_transformers_independently(tiny_dir, artifact):
     with torch.no_grad():
         ref = model(**enc).logits[0].numpy()
     ids = enc["input_ids"].numpy()
-    so = lambda f: ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"])  # noqa: E731
+    so = lambda f: ort.InferenceSession(str(out / "onnx" / f), providers=["CPUExecutionProvider"])  # noqa: E731
     feats = so("vision_encoder.onnx").run(None, {"pixel_values": enc["pixel_values"].numpy()})[0]
     emb = so("embed_tokens.onnx").run(None, {"input_ids": ids})[0]
     mask = ids[0] == model.config.image_token_id
@@ -149,7 +150,7 @@ def test_verify_accepts_then_rejects_a_flipped_byte(artifact, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(artifact("llava-siglip", "int4"), out)
     assert verify(out) == []
-    f = out / "decoder_model_merged.onnx"
+    f = out / "onnx" / "decoder_model_merged.onnx"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0x01
     f.write_bytes(bytes(data))
@@ -165,11 +166,11 @@ def test_every_family_exports_at_parity(artifact, family):
     assert p["logits_max_abs_diff"] < 1e-4, p
     if family in ("llava-clip", "idefics3", "gemma3"):
         assert p["vision_cosine_min"] > 0.99999
-        assert (out / "vision_encoder.onnx").exists()
+        assert (out / "onnx" / "vision_encoder.onnx").exists()
     else:
-        assert not (out / "vision_encoder.onnx").exists()
+        assert not (out / "onnx" / "vision_encoder.onnx").exists()
     if family == "gemma3":  # bidirectional image attention needs the token types
-        dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+        dec = onnx.load(str(out / "onnx" / "decoder_model_merged.onnx"), load_external_data=False)
         assert "token_type_ids" in [i.name for i in dec.graph.input]
 
 
@@ -178,7 +179,7 @@ def test_fp16_recipe(artifact):
     out = artifact("llava-siglip", "fp16")
     m = read_manifest(out)
     assert m.parity["kld_mean"] < 0.01
-    dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    dec = onnx.load(str(out / "onnx" / "decoder_model_merged.onnx"), load_external_data=False)
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in dec.graph.initializer)
 
 
@@ -192,7 +193,7 @@ def test_gpu_target_gets_an_fp16_graph_at_parity(tiny_dir, tmp_path):
     compress(str(tiny_dir("llava-siglip")), ["int4"], "jetson-orin-nano-8gb", out)
     m = read_manifest(out)
     assert m.runtime["activations"] == "fp16" and any("fp16 on jetson-orin-nano-8gb" in n for n in m.notes)
-    dec = onnx.load(str(out / "decoder_model_merged.onnx"), load_external_data=False)
+    dec = onnx.load(str(out / "onnx" / "decoder_model_merged.onnx"), load_external_data=False)
     f16 = onnx.TensorProto.FLOAT16
     types = {v.name: v.type.tensor_type.elem_type for v in list(dec.graph.input) + list(dec.graph.output)}
     assert types["inputs_embeds"] == types["past_key_values.0.key"] == types["present.0.value"] == f16
@@ -202,9 +203,9 @@ def test_gpu_target_gets_an_fp16_graph_at_parity(tiny_dir, tmp_path):
               for n in dec.graph.node if n.op_type == "MatMulNBits"}
     hidden = m.model.text["hidden_size"]
     assert blocks and max(blocks) == min(128, hidden)  # fit_block: the largest power of two <= 128 dividing K
-    assert _bits_by_component(out / "decoder_model_merged.onnx") == {"language": {4}, "lm_head": {8}}
+    assert _bits_by_component(out / "onnx" / "decoder_model_merged.onnx") == {"language": {4}, "lm_head": {8}}
     # The vision and embedding graphs keep fp32 inputs and outputs around an fp16 body.
-    vis = onnx.load(str(out / "vision_encoder.onnx"), load_external_data=False)
+    vis = onnx.load(str(out / "onnx" / "vision_encoder.onnx"), load_external_data=False)
     assert vis.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert any(t.data_type == f16 for t in vis.graph.initializer)
     assert m.parity["kld_mean"] < 0.01  # (a random tiny model has near ties: top-1 is no measure here)
@@ -256,6 +257,6 @@ def test_graphs_carry_no_path_of_the_machine_that_exported_them(artifact):
     here = str(Path(edgemed.__file__).resolve().parent.parent)
     out = artifact("llava-siglip", "int8")
     for graph in ("vision_encoder.onnx", "embed_tokens.onnx", "decoder_model_merged.onnx"):
-        m = onnx.load(str(out / graph), load_external_data=False)
+        m = onnx.load(str(out / "onnx" / graph), load_external_data=False)
         values = [p.value for n in m.graph.node for p in n.metadata_props]
         assert values and not any(here in v for v in values), graph

@@ -16,6 +16,12 @@ from edgemed.target import load_target
 LLAVA_15_7B_PARAMS = 7.06e9
 
 
+@pytest.fixture(autouse=True)
+def big_host(monkeypatch):
+    """These tests are about the target side; the host that compresses is planned below."""
+    monkeypatch.setattr("edgemed.plan.host_memory_available", lambda: 1 << 40)
+
+
 @pytest.fixture(scope="module")
 def llava7b(tmp_path_factory):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -252,3 +258,55 @@ def test_text_only_decoder(tmp_path):
              load_target("cpu-arm64"), context_tokens=100)
     assert list(p.components) == ["embed", "language", "lm_head"] and p.feasible
     assert p.kv_cache_bytes == 2 * 2 * 2 * 64 * 100 * 4  # grouped-query attention: 2 KV heads
+
+
+# --- the host that compresses ---------------------------------------------------------------
+
+def test_host_side_parts_add_up_and_follow_the_recipe(llava7b, int4_recipe):
+    from edgemed import load_recipe
+    from edgemed.plan import HOST_PROCESS_BYTES
+
+    target = load_target("jetson-orin-nx-16gb")
+    p = plan(llava7b, int4_recipe, target, host_memory_gb=512)
+    h = p.host
+    assert p.feasible and h.feasible and h.memory_source == "--host-memory-gb" and h.memory_bytes == 512e9
+    assert h.parts["process"] == HOST_PROCESS_BYTES
+    assert h.parts["parent (fp32)"] == 4 * p.total_params  # compress loads the parent in fp32
+    assert h.peak_ram_bytes == sum(h.parts.values()) and "onnx export and quantize" in h.parts
+    assert h.disk_bytes >= p.artifact_bytes
+    d = json.loads(json.dumps(p.to_dict()))["host"]
+    assert d["peak_ram_gb"] == pytest.approx(h.peak_ram_bytes / 1e9, abs=0.01) and d["feasible"] is True
+    # A recipe that distills holds a teacher copy of the unpruned parent as well.
+    from edgemed.pipeline import resolve
+
+    pruned, _ = resolve(["prune-width-25", "int8"], target)
+    hp = plan(llava7b, pruned, target, host_memory_gb=512).host
+    assert hp.parts["teacher copy (distill)"] == hp.parts["parent (fp32)"] == 4 * p.total_params
+    assert load_recipe("prune-width-25").steps[-1].step == "distill"
+
+
+def test_host_that_cannot_compress_is_refused_with_the_fix(llava7b, int4_recipe):
+    target = load_target("jetson-agx-orin-64gb")
+    p = plan(llava7b, int4_recipe, target, host_memory_gb=16)
+    assert not p.feasible and not p.host.feasible
+    (reason,) = [r for r in p.reasons if r.startswith("host: ")]
+    assert "compress needs about" in reason and "--host-memory-gb is 16.0 GB" in reason
+    need = math.ceil(p.host.peak_ram_bytes / 0.95 / 1e9)
+    assert any(f"at least {need} GB of free RAM" in f for f in p.fixes)
+    with pytest.raises(InfeasiblePlanError, match="host: compress needs"):
+        check_feasible(p)
+    # The same plan on a host that has the memory is feasible: the target side did fit.
+    assert plan(llava7b, int4_recipe, target, host_memory_gb=p.host.peak_ram_bytes / 0.9e9).feasible
+
+
+def test_host_memory_reads_the_cgroup_cap(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the real function, not big_host's
+    from edgemed.plan import host_memory_available
+
+    (tmp_path / "memory.max").write_text("4000000000\n")
+    (tmp_path / "memory.current").write_text("1000000000\n")
+    assert host_memory_available(tmp_path) == 3_000_000_000  # this machine has more than 3 GB free
+    (tmp_path / "memory.max").write_text("max\n")
+    import psutil
+
+    assert abs(host_memory_available(tmp_path) - psutil.virtual_memory().available) < 0.5e9

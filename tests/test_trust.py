@@ -60,9 +60,9 @@ def test_a_manifest_path_that_leaves_the_folder_is_refused(copy, entry):
 
 def test_a_symlink_to_an_outside_graph_is_refused(copy, tmp_path):
     out, other = copy("a"), copy("outside")
-    (out / "embed_tokens.onnx").unlink()
-    os.symlink(other / "embed_tokens.onnx", out / "embed_tokens.onnx")
-    _relist(out, "embed_tokens.onnx", other / "embed_tokens.onnx")
+    (out / "onnx/embed_tokens.onnx").unlink()
+    os.symlink(other / "onnx/embed_tokens.onnx", out / "onnx/embed_tokens.onnx")
+    _relist(out, "onnx/embed_tokens.onnx", other / "onnx/embed_tokens.onnx")
     _refused(out, "symbolic link")
 
 
@@ -85,8 +85,8 @@ def _external_graph(path: Path, location: str) -> None:
 @pytest.mark.parametrize("location", ["../../secret.bin", "/etc/passwd", "not_listed.bin"])
 def test_onnx_external_data_outside_or_unlisted_is_refused_before_onnx_runtime(copy, location):
     out = copy()
-    _external_graph(out / "embed_tokens.onnx", location)
-    _relist(out, "embed_tokens.onnx")
+    _external_graph(out / "onnx/embed_tokens.onnx", location)  # a location is relative to onnx/
+    _relist(out, "onnx/embed_tokens.onnx")
     _refused(out, "does not list" if location == "not_listed.bin" else "external data of tensor w")
 
 
@@ -103,7 +103,7 @@ def test_a_rejected_artifact_runs_only_when_allowed(copy):
 
 def test_changed_missing_and_unlisted_files_are_refused(copy):
     out = copy()
-    p = out / "decoder_model_merged.onnx"
+    p = out / "onnx/decoder_model_merged.onnx"
     data = bytearray(p.read_bytes())
     data[-1] ^= 1  # same size, other bytes
     p.write_bytes(bytes(data))
@@ -122,9 +122,9 @@ def test_changed_missing_and_unlisted_files_are_refused(copy):
 
 def test_a_component_file_missing_from_folder_and_manifest_is_named(copy):
     out = copy()
-    (out / "vision_encoder.onnx").unlink()
+    (out / "onnx/vision_encoder.onnx").unlink()
     m = read_manifest(out)
-    m.files = [f for f in m.files if f.path != "vision_encoder.onnx"]
+    m.files = [f for f in m.files if f.path != "onnx/vision_encoder.onnx"]
     write_manifest(out, m)
     _refused(out, "needs vision_encoder.onnx")
 

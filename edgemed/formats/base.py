@@ -108,6 +108,21 @@ class FormatBackend:
         before compress would find it out."""
         return []
 
+    # --- the host that compresses -------------------------------------------------------------------
+    # `edgemed compress` holds the parent in fp32 throughout; on top of it the export and quantize
+    # steps hold graphs, sessions and calibration tensors: about host_transient x the parent's fp32
+    # bytes plus host_transient_fixed bytes, fitted by bench/bench_memory.py (see plan.host_estimate).
+    host_transient: ClassVar[float] = 0.0
+    host_transient_fixed: ClassVar[int] = 0
+    # Scratch on disk beside the artifact while compress runs, in multiples of the fp32 bytes (an
+    # fp32 graph before quantization, a probe's external data).
+    host_scratch: ClassVar[float] = 0.0
+
+    # --- writing ------------------------------------------------------------------------------------
+    def finish(self, ctx) -> None:
+        """Last touches to the artifact folder after every step ran and before parity opens it
+        (e.g. the front-end layout of ONNX artifacts); ctx is edgemed.context.Context."""
+
     # --- run time ---------------------------------------------------------------------------------
     @classmethod
     def required_files(cls, manifest) -> list[str]:

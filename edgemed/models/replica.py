@@ -38,7 +38,7 @@ def shrink(cfg: dict[str, Any], sizes: dict[str, int] = SIZES) -> dict[str, Any]
     out = dict(cfg)
     heads = cfg.get("num_attention_heads")
     out.update(sizes)
-    if "num_key_value_heads" in cfg:
+    if "num_key_value_heads" in cfg and "num_key_value_heads" not in sizes:
         out["num_key_value_heads"] = sizes["num_attention_heads"] if cfg["num_key_value_heads"] in (None, heads) else 2
     if cfg.get("head_dim"):
         out["head_dim"] = sizes["hidden_size"] // sizes["num_attention_heads"]
@@ -109,8 +109,13 @@ def replica_tokenizer(tok_cfg: dict[str, Any], added: dict[str, int], adds_bos: 
     return out
 
 
-def build_replica(fixture: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random model from the real files in `fixture` to `out`; returns `out`."""
+def build_replica(fixture: str | Path, out: str | Path, seed: int = 0, sizes: dict[str, int] | None = None,
+                  dtype: str = "float32") -> Path:
+    """Write a random model from the real files in `fixture` to `out`; returns `out`. Tiny by
+    default; `sizes` (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads and
+    optionally num_key_value_heads) gives another shape, `dtype` the stored dtype (the benchmarks
+    write TinyLlama-shape checkpoints in bfloat16, as real checkpoints ship). Text models only
+    take `sizes`/`dtype`."""
     import torch
 
     from edgemed.models.base import normaliser_for
@@ -120,12 +125,14 @@ def build_replica(fixture: str | Path, out: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     normaliser = normaliser_for(facts["config"])
+    if (sizes is not None or dtype != "float32") and (normaliser is not None or "vision_config" in facts["config"]):
+        raise ValueError(f"{fixture}: sizes and dtype are for text models")
     if normaliser is not None and normaliser.name == "med-moe":
         _write_med_moe(facts, fixture, out)
     elif normaliser is not None:
         _write_original_llava(facts, fixture, out)
     else:
-        _write_transformers(facts, fixture, out)
+        _write_transformers(facts, fixture, out, sizes or SIZES, getattr(torch, dtype))
     return out
 
 
@@ -144,7 +151,8 @@ def _write_tokenizer(facts: dict[str, Any], out: Path, extra: dict[str, int] | N
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
 
 
-def _write_transformers(facts: dict[str, Any], fixture: Path, out: Path) -> None:
+def _write_transformers(facts: dict[str, Any], fixture: Path, out: Path, sizes: dict[str, int] = SIZES,
+                        dtype: Any = None) -> None:
     import torch
     import transformers as tf
 
@@ -155,7 +163,7 @@ def _write_transformers(facts: dict[str, Any], fixture: Path, out: Path) -> None
         if isinstance(raw.get(key), dict):
             raw[key] = shrink(raw[key], SIZES if key == "text_config" else VISION_SIZES)
     if "text_config" not in raw:
-        raw = shrink(raw)
+        raw = shrink(raw, sizes)
     model_type = raw.pop("model_type")
     config = tf.AutoConfig.for_model(model_type, **{k: v for k, v in raw.items() if k != "transformers_version"})
     adapter = family_for(model_type)
@@ -168,6 +176,9 @@ def _write_transformers(facts: dict[str, Any], fixture: Path, out: Path) -> None
     if projection is not None and hasattr(projection, "mm_input_projection_weight"):
         with torch.no_grad():  # Gemma 3 initialises this projection to zeros: images would vanish
             projection.mm_input_projection_weight.normal_(0, 0.5)
+    if dtype is not None and dtype != torch.float32:
+        model = model.to(dtype)
+        config.dtype = dtype
     model.eval().save_pretrained(out)
     _write_tokenizer(facts, out)
     for name in KEPT_FILES:

@@ -45,7 +45,8 @@ def check_artifact(path: Path, manifest: Manifest, *, hashes: bool = True, allow
     missing = [pattern for pattern in backend.required_files(manifest)
                if not any(fnmatch(f.path, pattern) for f in manifest.files)]
     if missing:
-        raise BadInputError(str(path), f"a {manifest.format} artifact needs {', '.join(missing)}, which it lacks",
+        raise BadInputError(str(path), f"a {manifest.format} artifact needs {', '.join(m.lstrip('*') for m in missing)}, "
+                            "which it lacks",
                             "re-run `edgemed compress` (the folder is incomplete)")
     backend.check_files(path, manifest)
 

@@ -58,6 +58,13 @@ class Distill(Step):
     summary = "recover a pruned / MoE model by logit distillation from the untransformed parent"
     Args = DistillArgs
 
+    def host_bytes(self, shape) -> int:
+        """What training adds to compress's peak RAM (plan.host_estimate): gradients and AdamW's two
+        moments, fp32, for the transformed model's decoder blocks (`shape`: plan's _ModelShape;
+        `train: ffn` trains fewer and is planned the same, an upper bound). Measured by
+        bench_memory.py: prune-width-25 + q8_0 peaked at 3.29 / 6.25 GB where the plan says 3.62 / 6.78."""
+        return 3 * 4 * shape.counts.get("language", 0)
+
     def run(self, ctx: "Context") -> None:
         import torch
         from tqdm import tqdm

@@ -93,14 +93,22 @@ def export_decoder_genai(cm: CompositeModel, out_dir: Path) -> None:
         for name in os.listdir(dst):
             if name.startswith(DECODER):  # the graph and its external data file
                 shutil.move(str(dst / name), str(out_dir / name))
-    _tag_builder_components(out_dir / DECODER)
+    _tag_builder_components(out_dir / DECODER, cm.text.head_dim)
 
 
-def _tag_builder_components(path: Path) -> None:
-    """The builder names nodes after the module they implement (/model/layers.N/..., /lm_head/MatMul)."""
+def _tag_builder_components(path: Path, head_dim: int) -> None:
+    """The builder names nodes after the module they implement (/model/layers.N/..., /lm_head/MatMul).
+    Its KV-cache inputs and outputs name the head size symbolically ('kv_cache_dim'); it is written
+    as the number it is, since front ends size an empty cache from the graph's declared shape
+    (transformers.js resolves an unknown symbol to 0, and GroupQueryAttention then refuses it)."""
     model = onnx.load(str(path), load_external_data=False)
     for node in model.graph.node:
         comp = "lm_head" if node.name.startswith("/lm_head/") else "language"
         entry = node.metadata_props.add()
         entry.key, entry.value = COMPONENT_KEY, comp
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) == 4 and dims[3].dim_param:
+                dims[3].dim_value = head_dim  # replaces the symbol (a oneof)
     onnx.save(model, str(path))

@@ -2,6 +2,7 @@
 layouts along K, and saving past protobuf's 2 GB."""
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 from typing import Annotated
 
@@ -261,7 +262,9 @@ def check_external_data(root: Path, rel: str, listed: set[str]) -> None:
     for tensor in _tensors(model.graph):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
+        # ONNX Runtime reads a location relative to the graph's own folder (onnx/ in this layout).
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        location = location if "\\" in location else posixpath.normpath(posixpath.join(posixpath.dirname(rel), location))
         contained_path(root, location, f"{rel}: external data of tensor {tensor.name}")
         if location not in listed:
             raise BadInputError(f"{root}: {rel}", f"reads tensor {tensor.name} from '{location}', which the manifest "

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgemed.formats.onnx.graph import DECODER, EMBED, VISION
+from edgemed.formats.onnx.layout import graph_file
 from edgemed.runtime.prompt import PromptAndPixels
 from edgemed.runtime.session import GreedyGeneration
 
@@ -33,12 +35,12 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         providers = providers or ["CPUExecutionProvider"]
 
         def sess(name):
-            return ort.InferenceSession(str(path / name), opts, providers=providers,
+            return ort.InferenceSession(str(graph_file(path, name)), opts, providers=providers,
                                         disabled_optimizers=disabled_optimizers)
 
-        self.decoder = sess("decoder_model_merged.onnx")
-        self.embed = sess("embed_tokens.onnx")
-        self.vision = sess("vision_encoder.onnx") if (path / "vision_encoder.onnx").exists() else None
+        self.decoder = sess(DECODER)
+        self.embed = sess(EMBED)
+        self.vision = sess(VISION) if graph_file(path, VISION).exists() else None
         ins = {i.name: i for i in self.decoder.get_inputs()}
         self._kv_dtype = _ORT_DTYPES[ins["past_key_values.0.key"].type]
         self._emb_dtype = _ORT_DTYPES[ins["inputs_embeds"].type]

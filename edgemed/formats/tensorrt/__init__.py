@@ -13,6 +13,9 @@ from edgemed.formats.base import GB, RUNTIME_OVERHEAD_FIXED_BYTES, FormatBackend
 
 class TensorrtBackend(FormatBackend):
     name = "tensorrt"
+    # Not measured separately: the Q/DQ export goes through the same fp32 graph and calibration
+    # probe as ONNX's int4, so it is planned like it.
+    host_transient, host_transient_fixed, host_scratch = 3.7, 0, 1.0
     precisions = frozenset({"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"})
     # The embedding table is a Gather, not a MatMul: no Q/DQ form for it.
     component_precisions = {"embed": frozenset({"fp32", "fp16"})}
