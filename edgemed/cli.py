@@ -312,6 +312,56 @@ def serve(
     run(artifact, host=host, port=port, api_key=api_key, model_name=model_name, queue_size=queue_size)
 
 
+@app.command()
+def sweep(
+    model: Optional[str] = typer.Argument(None, help="Hub id, model folder or .gguf file; omitted: the bundled demo model."),
+    recipe: List[str] = typer.Option(..., "--recipe", "-r", help="Recipe to try (repeatable); compose with +, e.g. prune-width-25+q8_0."),
+    target: List[str] = typer.Option(..., "--target", "-t", help="Target to plan for (repeatable)."),
+    suite: List[str] = typer.Option(None, "--suite", "-s", help="Suite NAME or NAME=PATH to measure accuracy on (repeatable); "
+                                    "default: the built-in gate suite."),
+    out: Path = typer.Option(Path("edgemed-sweep"), "--out", "-o", help="Folder for artifacts, reports, sweep.json and sweep.md."),
+    jobs: int = typer.Option(1, "--jobs", "-j", help="Compress/bench jobs at once (also bounded by this host's RAM)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (Ray when installed, else a process pool), ray, or process."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="A running Ray cluster (shared storage for --out)."),
+    host_memory_gb: Optional[float] = typer.Option(None, "--host-memory-gb", help="RAM the plans check compress against."),
+    runs: int = typer.Option(5, help="Latency runs per artifact."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="First N items of each suite."),
+):
+    """Plan every recipe x target, compress each distinct artifact once, bench it here, and name per
+    target the smallest artifact that passes every gate. Rerunning resumes."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgemed.sweep import sweep as run
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err) as prog:
+        bars: dict[str, int] = {}
+
+        def show(kind: str, payload: dict) -> None:
+            if kind == "planned" and not payload["feasible"]:
+                err.print(f"refused: {payload['recipe']} on {payload['target']}: {'; '.join(payload['reasons'])[:300]}")
+            elif kind == "start":
+                bars[payload["key"]] = prog.add_task(f"{payload['key']}: compress + bench", total=None)
+            elif kind == "end":
+                if payload["key"] not in bars:
+                    bars[payload["key"]] = prog.add_task(payload["key"], total=1)
+                done = "done" if payload.get("status") == "done" else f"failed: {payload.get('error', '')[:120]}"
+                prog.update(bars[payload["key"]], description=f"{payload['key']}: {done}", total=1, completed=1)
+
+        summary = run(model, recipe, target, out, suites=suite or [], jobs=jobs, engine=engine, ray_address=ray_address,
+                      host_memory_gb=host_memory_gb, runs=runs, limit=limit, progress=show)
+    t = Table(title=f"sweep: {out / 'sweep.md'}")
+    for col in ("recipe", "target", "status", "MB", "KLD mean", "host tok/s", "target tok/s (plan)"):
+        t.add_column(col)
+    for r in summary["rows"]:
+        t.add_row(r["recipe"], r["target"], r["status"], f"{r['size_mb']:.1f}" if r.get("size_mb") else "",
+                  f"{r['kld_mean']:.3g}" if r.get("kld_mean") is not None else "",
+                  f"{r['host_decode_tok_s']:.1f}" if r.get("host_decode_tok_s") else "",
+                  f"{r['predicted_decode_tok_s']:.1f}" if r.get("predicted_decode_tok_s") else "")
+    console.print(t)
+    for tgt, c in summary["choice"].items():
+        console.print(f"{tgt}: " + (f"[green]{c['recipe']}[/green] ({c['size_mb']:.1f} MB)" if c.get("recipe") else c["reason"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: maps edgemed's errors to the exit codes of DESIGN.md. Usage errors (an unknown
     option, a missing argument) are click's own: usage and the error on stderr, exit code 2."""

@@ -119,6 +119,10 @@ class FormatBackend:
     host_scratch: ClassVar[float] = 0.0
 
     # --- writing ------------------------------------------------------------------------------------
+    # Whether the artifact is built for one target only (TensorRT's build profiles) rather than for
+    # every target that gets the same layout (edgemed.sweep shares those).
+    target_specific: ClassVar[bool] = False
+
     def finish(self, ctx) -> None:
         """Last touches to the artifact folder after every step ran and before parity opens it
         (e.g. the front-end layout of ONNX artifacts); ctx is edgemed.context.Context."""

@@ -16,6 +16,7 @@ class TensorrtBackend(FormatBackend):
     # Not measured separately: the Q/DQ export goes through the same fp32 graph and calibration
     # probe as ONNX's int4, so it is planned like it.
     host_transient, host_transient_fixed, host_scratch = 3.7, 0, 1.0
+    target_specific = True  # build profiles sized for the target's memory
     precisions = frozenset({"fp32", "fp16", "bf16", "int8", "int4", "fp8", "fp4"})
     # The embedding table is a Gather, not a MatMul: no Q/DQ form for it.
     component_precisions = {"embed": frozenset({"fp32", "fp16"})}
