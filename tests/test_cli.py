@@ -47,12 +47,12 @@ def test_plan_refuses_fp16_7b_on_orin_nano(llava7b_config, capsys):
 
 def test_plan_accepts_int4_7b_where_it_fits_and_prints_components(llava7b_config, capsys):
     assert main(["plan", str(llava7b_config), "--recipe", "int4", "--target", "jetson-orin-nx-16gb",
-                 "--host-memory-gb", "96"]) == 0
+                 "--host-memory-gb", "512"]) == 0
     out = capsys.readouterr().out
     for comp in ("vision", "projector", "embed", "language", "lm_head", "feasible"):
         assert comp in out
     assert main(["plan", str(llava7b_config), "--recipe", "int4", "--target", "jetson-orin-nx-16gb", "--json",
-                 "--host-memory-gb", "96"]) == 0
+                 "--host-memory-gb", "512"]) == 0
     d = json.loads(capsys.readouterr().out.split("\nfeasible")[0])
     assert d["feasible"] and d["components"]["language"]["precision"] == "int4"
 

@@ -155,3 +155,153 @@ def test_transformersjs_generates_what_edgemed_generates(artifact, tmp_path):
     js_gen = js_gen[:next((i for i, t in enumerate(js_gen) if t in eos), len(js_gen))]
     assert js_gen == [t for t in ours_gen if t not in eos]
 
+
+
+TEXT_FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
+
+
+@pytest.fixture(scope="module", params=["qwen2.5-7b-instruct", "mistral-7b-instruct-v0.2"])
+def text_artifact(request, tmp_path_factory):
+    """A replica of a real text LLM checkpoint (its config, template and special tokens; tiny random
+    weights, see edgemed.models.replica) compressed to int8: one graph, onnx/model.onnx."""
+    from edgemed.models.replica import build_replica
+    from edgemed.pipeline import compress
+
+    root = tmp_path_factory.mktemp(f"text-{request.param}")
+    model = build_replica(TEXT_FIXTURES / request.param, root / "model", seed=0)
+    out = root / f"{request.param}-int8"
+    compress(str(model), "int8", "cpu-x86-avx2", out)
+    return out, model
+
+
+def test_a_text_llm_is_one_graph_that_takes_input_ids(text_artifact):
+    import onnx
+
+    import edgemed.runtime
+    from edgemed.artifact import read_manifest
+
+    out, _ = text_artifact
+    m = read_manifest(out)
+    graphs = {f.path: f.component for f in m.files if f.path.endswith(".onnx")}
+    assert graphs == {"onnx/model.onnx": "embed+language+lm_head"}
+    g = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert [i.name for i in g.input][:2] == ["input_ids", "attention_mask"] and g.output[0].name == "logits"
+    assert m.parity["kld_mean"] < 1e-3  # parity went through this one graph
+    assert edgemed.runtime.load(out).generate(prompt="hello", max_new_tokens=3, stop_at_eos=False).token_ids
+
+
+TEXT_MESSAGES = [{"role": "user", "content": "Is there a pleural effusion?"}]
+
+
+def test_transformersjs_runs_a_text_llm_as_edgemed_does(text_artifact, tmp_path):
+    """transformers.js's AutoTokenizer + AutoModelForCausalLM on the artifact: its own chat template
+    rendering and ids equal edgemed's, logits at every position equal edgemed's session (1e-4) and
+    close to the parent's, and the same greedy tokens."""
+    if not _node_ready():
+        pytest.skip("node and tests/js/node_modules (npm ci --prefix tests/js) are needed")
+    import edgemed.runtime
+    from edgemed.models import load_model
+    from edgemed.reference.parity import compare_logits, parent_logits
+
+    out, model = text_artifact
+    session = edgemed.runtime.load(out)
+    n_new = 8
+    (tmp_path / "request.json").write_text(json.dumps({"kind": "text", "messages": TEXT_MESSAGES,
+                                                       "max_new_tokens": n_new}))
+    run = subprocess.run(["node", str(JS / "transformersjs_check.mjs"), str(out), str(tmp_path / "request.json"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert got["templated"] == session.chat.render(TEXT_MESSAGES)
+    ids = session.conversation_ids(TEXT_MESSAGES)
+    assert got["input_ids"] == ids.tolist()
+    js_logits = np.fromfile(tmp_path / "out" / "logits.f32", np.float32).reshape(got["logits_dims"])[0]
+    ours = session.logits(ids)
+    np.testing.assert_allclose(js_logits, ours, atol=1e-4, rtol=1e-4)
+    parent = parent_logits(load_model(str(model)), ids, None)
+    assert abs(compare_logits(parent, js_logits)["kld_mean"] - compare_logits(parent, ours)["kld_mean"]) < 1e-4
+    eos = set(session.text["eos_token_ids"])
+    js_gen = got["generated_ids"][len(ids):]
+    js_gen = js_gen[:next((i for i, t in enumerate(js_gen) if t in eos), len(js_gen))]
+    ours_gen = session.generate(messages=TEXT_MESSAGES, max_new_tokens=n_new).token_ids
+    assert js_gen == [t for t in ours_gen if t not in eos]
+
+
+@pytest.fixture(scope="module", params=["whole", "tiles"])
+def idefics3_artifact(request, tiny_dir, tmp_path_factory):
+    """The tiny Idefics3 model with SmolVLM's real processor settings scaled to its 32-px tower,
+    with image splitting ("tiles": a 128 x 96 image, 4 x 3 tiles + the whole image) or without
+    ("whole": a 32 x 32 image, the tower's size: no resampling anywhere), compressed to int8."""
+    import transformers as tf
+
+    from edgemed.pipeline import compress
+
+    src = tmp_path_factory.mktemp(f"idefics3-{request.param}") / "model"
+    shutil.copytree(tiny_dir("idefics3"), src)
+    real = json.loads((TEXT_FIXTURES / "smolvlm-256m-instruct" / "preprocessor_config.256m-base.json").read_text())
+    kw = {k: v for k, v in real.items() if k not in ("image_processor_type", "processor_class")}
+    split = request.param == "tiles"
+    kw.update(max_image_size={"longest_edge": 32}, size={"longest_edge": 128 if split else 32}, do_image_splitting=split)
+    from test_idefics3_tiles import SMOLVLM_TEMPLATE
+
+    processor = tf.Idefics3Processor(image_processor=tf.Idefics3ImageProcessor(**kw),
+                                     tokenizer=tf.AutoTokenizer.from_pretrained(src), image_seq_len=4,
+                                     chat_template=SMOLVLM_TEMPLATE)
+    processor.save_pretrained(src)
+    out = src.parent / "idefics3-int8"
+    compress(str(src), "int8", "cpu-x86-avx2", out)
+    return out, src, (128, 96) if split else (32, 32)
+
+
+def test_transformersjs_runs_idefics3_with_its_tiles(idefics3_artifact, tmp_path):
+    """transformers.js's Idefics3Processor and Idefics3ForConditionalGeneration on the artifact (its
+    vision graph takes the tiled signature, layout.tile_vision_input): the same prompt ids (image
+    blocks and `<row_R_col_C>` markers included), the tiles' pixels equal edgemed's, and logits at every
+    position equal edgemed's session fed the same pixels. transformers.js resizes with its own
+    interpolation, not PIL's Lanczos, so the one resampled tile (the whole image shrunk to 32 px)
+    differs a little; where nothing is resampled the greedy tokens are compared too."""
+    if not _node_ready():
+        pytest.skip("node and tests/js/node_modules (npm ci --prefix tests/js) are needed")
+    from PIL import Image
+
+    import edgemed.runtime
+
+    out, _, (w, h) = idefics3_artifact
+    session = edgemed.runtime.load(out)
+    # A smooth image (noise upsampled 8x): resampling filters agree on it where they would not on
+    # pixel noise, so the resampled whole image can be compared meaningfully.
+    small = Image.fromarray(np.random.default_rng(11).integers(0, 256, size=(h // 8, w // 8, 3), dtype=np.uint8))
+    image = small.resize((w, h), Image.Resampling.BICUBIC)
+    (tmp_path / "image.rgb").write_bytes(np.asarray(image).tobytes())
+    grid = session.image_grid(image)
+    text = session.chat.render(MESSAGES, grids=[grid])
+    from edgemed.runtime.prompt import image_block
+
+    prompt = text.replace(image_block(session.image, grid), session.image["placeholder"])
+    request = {"prompt": prompt, "messages": MESSAGES, "rgb": "image.rgb", "width": w, "height": h,
+               "max_new_tokens": 8}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    run = subprocess.run(["node", str(JS / "transformersjs_check.mjs"), str(out), str(tmp_path / "request.json"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert got["templated"] == prompt
+    ids = session.conversation_ids(MESSAGES, grids=[grid])
+    assert got["input_ids"] == ids.tolist()
+    ours_px = session.pixel_values(image)
+    js_px = np.fromfile(tmp_path / "out" / "pixel_values.f32", np.float32).reshape(got["pixel_values_dims"])[0]
+    assert js_px.shape == ours_px.shape
+    tiles = grid[0] * grid[1]  # the tiles come first, cut from the resized image; the whole image is last
+    np.testing.assert_allclose(js_px[:tiles], ours_px[:tiles], atol=1e-5)
+    js_logits = np.fromfile(tmp_path / "out" / "logits.f32", np.float32).reshape(got["logits_dims"])[0]
+    np.testing.assert_allclose(js_logits, session.logits(ids, js_px), atol=1e-4, rtol=1e-4)
+    if tiles == 0:  # nothing resampled: the same pixels, so the same answer
+        np.testing.assert_allclose(js_px, ours_px, atol=1e-5)
+        eos = set(session.text["eos_token_ids"])
+        js_gen = got["generated_ids"][len(ids):]
+        js_gen = js_gen[:next((i for i, t in enumerate(js_gen) if t in eos), len(js_gen))]
+        ours_gen = session.generate(messages=MESSAGES, images=[image], max_new_tokens=8).token_ids
+        assert js_gen == [t for t in ours_gen if t not in eos]
+    else:
+        diff = np.abs(js_px[tiles:] - ours_px[tiles:])
+        assert diff.mean() < 0.05, diff.mean()  # the resampled whole image: close, not equal (pixels in [-1, 1])

@@ -44,7 +44,7 @@ def _block_linear_params(artifact: Path) -> int:
     """Weights of the decoder blocks' matmuls as exported (MatMulNBits N x K, lm_head excluded)."""
     import onnx
 
-    m = onnx.load(str(artifact / "onnx" / "decoder_model_merged.onnx"), load_external_data=False)
+    m = onnx.load(str(artifact / "onnx" / "model.onnx"), load_external_data=False)  # a text LLM: one graph
     total = 0
     for n in m.graph.node:
         if n.op_type == "MatMulNBits" and "layers." in n.name:

@@ -197,7 +197,7 @@ def bytes_per_token(artifact_dir: Path, manifest: "Manifest", context_tokens: fl
     """
     files = manifest.files
     per_token_files = [f for f in files if _file_component(f) & {"language", "lm_head"}]
-    stems = {Path(f.path).name for f in per_token_files}
+    stems = {f.path for f in per_token_files}  # a graph's external data: onnx/<graph>_data, <graph>.data
     extra = [f for f in files if f not in per_token_files and any(f.path.startswith(s) and f.path != s
                                                                   for s in stems)]
     weights = sum(f.bytes for f in per_token_files + extra)
@@ -205,6 +205,12 @@ def bytes_per_token(artifact_dir: Path, manifest: "Manifest", context_tokens: fl
     embed_files = [f for f in files if _file_component(f) == {"embed"}]
     vocab = int(text.get("vocab_size") or 1)
     embed_row = sum(f.bytes for f in embed_files) // max(vocab, 1)
+    if any("embed" in _file_component(f) for f in per_token_files):
+        # One graph holds the table too (a text LLM's onnx/model.onnx): a decode step gathers one
+        # row of it, so the table comes off, sized from the recipe's embed precision.
+        bits = {"fp32": 32, "fp16": 16, "int8": 8.5}.get(((manifest.recipe or {}).get("policy") or {}).get("embed"), 32)
+        table = int(vocab * int(text.get("hidden_size") or 0) * bits / 8)
+        weights, embed_row = max(weights - table, 0), table // max(vocab, 1)
     kv_elem = kv_bytes_per_element or int((manifest.plan or {}).get("kv_bytes_per_element") or 4)
     kv = 2 * int(text.get("num_layers", 0)) * int(text.get("num_kv_heads", 0)) * int(text.get("head_dim", 0)) \
         * context_tokens * kv_elem

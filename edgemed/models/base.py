@@ -145,6 +145,10 @@ class Adapter:
     mmproj: ClassVar[MmprojFacts | None] = None
     # Why this family's activations leave fp16's range (|x| <= 65504), or None where fp16 is safe.
     fp16_unsafe: ClassVar[str | None] = None
+    # The vision graph's signature front ends expect: "images" (pixel_values [N, 3, H, W]) or
+    # "tiles" ([batch, tiles, 3, H, W] with a pixel_attention_mask [batch, tiles, H, W], as the
+    # onnx-community exports of Idefics3 / SmolVLM take them and transformers.js feeds them).
+    vision_input: ClassVar[str] = "images"
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

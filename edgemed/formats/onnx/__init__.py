@@ -81,6 +81,8 @@ class OnnxBackend(FormatBackend):
     def required_files(cls, manifest) -> list[str]:
         """The graphs in onnx/ (layout.py) or, as artifacts written before that layout and the
         TensorRT format keep them, in the folder itself."""
+        if any(f.path.rsplit("/", 1)[-1] == "model.onnx" for f in manifest.files):
+            return ["*model.onnx", "tokenizer.json"]  # a text LLM's one graph (layout.merge_text_model)
         image = ["vision_encoder.onnx"] if manifest.model and manifest.model.image else []
         graphs = ["decoder_model_merged.onnx", "embed_tokens.onnx", *image]
         return [f"*{name}" for name in graphs] + ["tokenizer.json"]
@@ -88,8 +90,13 @@ class OnnxBackend(FormatBackend):
     def finish(self, ctx) -> None:
         """The graphs into onnx/ and the config files beside them, so that front ends we did not
         write (transformers.js) load the artifact too (layout.py)."""
-        from edgemed.formats.onnx.layout import move_graphs, write_front_end_files
+        from edgemed.formats.onnx.layout import (merge_text_model, move_graphs, tile_vision_input,
+                                                  write_front_end_files)
 
+        if ctx.cm.image is None:
+            merge_text_model(ctx)
+        elif ctx.cm.adapter.vision_input == "tiles":
+            tile_vision_input(ctx)
         write_front_end_files(ctx, move_graphs(ctx))
 
     @classmethod

@@ -42,6 +42,86 @@ def graph_file(root: Path, name: str) -> Path:
     return inside if inside.exists() else root / name
 
 
+TEXT_MODEL = "model.onnx"  # a text-only LLM: token embedding and decoder in one graph
+
+
+def merge_text_model(ctx: "Context") -> None:
+    """A text-only LLM as transformers.js and other decoder-only front ends load it: one graph
+    `model.onnx` taking `input_ids`, the embedding table's nodes (renamed under `embed_tokens/`) feeding
+    the decoder's `inputs_embeds`. Replaces embed_tokens.onnx and decoder_model_merged.onnx (one
+    copy of the weights). Opsets: the higher of the two per domain (the embedding is a Gather, or
+    ONNX Runtime's GatherBlockQuantized, whose meaning no opset since 13 changed)."""
+    import onnx
+    from onnx import compose, helper
+
+    from edgemed.formats.onnx.graph import DECODER, EMBED, save_model
+
+    root = ctx.work_dir
+    embed = onnx.load(str(root / EMBED))
+    decoder = onnx.load(str(root / DECODER))
+    compose.add_prefix(embed, "embed_tokens/", rename_inputs=False, rename_outputs=False, inplace=True)
+    (link,) = [o.name for o in embed.graph.output]
+    if link not in {i.name for i in decoder.graph.input}:
+        raise ValueError(f"{DECODER} has no input {link!r} for the embedding's output")
+    g = decoder.graph
+    nodes = list(embed.graph.node) + list(g.node)
+    inputs = list(embed.graph.input) + [i for i in g.input if i.name != link]
+    initializers = list(embed.graph.initializer) + list(g.initializer)
+    merged = helper.make_graph(nodes, g.name or "model", inputs, list(g.output), initializers,
+                               value_info=list(embed.graph.value_info) + list(g.value_info))
+    opsets: dict[str, int] = {}
+    for m in (embed, decoder):
+        for o in m.opset_import:
+            opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+    model = helper.make_model(merged, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
+                              ir_version=max(embed.ir_version, decoder.ir_version))
+    model.metadata_props.extend(decoder.metadata_props)
+    del embed, decoder
+    precisions = {ctx.files.get(n, {}).get("precision") for n in (EMBED, DECODER)} - {None}
+    for name in (EMBED, DECODER):
+        (root / name).unlink()
+        for data in root.glob(name + "*"):  # external data files
+            data.unlink()
+        ctx.files.pop(name, None)
+    save_model(model, root / TEXT_MODEL)
+    ctx.describe(TEXT_MODEL, component="embed+language+lm_head", fmt="onnx",
+                 precision="+".join(sorted({p for ps in precisions for p in ps.split("+")})) or None)
+
+
+def tile_vision_input(ctx: "Context") -> None:
+    """Give the vision graph the tiled signature (Adapter.vision_input "tiles"): pixel_values
+    [batch, tiles, 3, H, W] and pixel_attention_mask [batch, tiles, H, W] (bool), reshaped to the
+    [batch x tiles, 3, H, W] the tower computes. The mask is declared, as front ends feed it, and not
+    read: one image per request and no padding tiles, every pixel is valid."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgemed.formats.onnx.graph import VISION
+
+    path = ctx.work_dir / VISION
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    (old,) = [i for i in g.input if i.name == "pixel_values"]
+    dims = old.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        return
+    c, h, w = (d.dim_value for d in dims[1:])
+    if not (c and h and w):  # edgemed's vision graphs take the tower's fixed size; a symbolic one cannot reshape here
+        raise ValueError(f"{VISION}: pixel_values has symbolic sizes {[d.dim_param for d in dims[1:]]}")
+    inner = "pixel_values_flat"
+    for node in g.node:
+        node.input[:] = [inner if x == "pixel_values" else x for x in node.input]
+    shape = helper.make_tensor("pixel_values_flat_shape", TensorProto.INT64, [4], [-1, c, h, w])
+    g.initializer.append(shape)
+    g.node.insert(0, helper.make_node("Reshape", ["pixel_values", shape.name], [inner], name="/tiles/Reshape"))
+    new = helper.make_tensor_value_info("pixel_values", old.type.tensor_type.elem_type, ["batch_size", "num_tiles", c, h, w])
+    mask = helper.make_tensor_value_info("pixel_attention_mask", TensorProto.BOOL, ["batch_size", "num_tiles", h, w])
+    g.input.remove(old)
+    g.input.insert(0, new)
+    g.input.insert(1, mask)
+    onnx.save(model, str(path))
+
+
 def move_graphs(ctx: "Context") -> dict[str, bool]:
     """Move the graphs the steps wrote into onnx/, their external data renamed to
     `<graph>.onnx_data` (the `location` in the graph rewritten to match, offsets unchanged), and
@@ -51,7 +131,7 @@ def move_graphs(ctx: "Context") -> dict[str, bool]:
     root = ctx.work_dir
     (root / ONNX_DIR).mkdir(exist_ok=True)
     external: dict[str, bool] = {}
-    for name in GRAPHS:
+    for name in (*GRAPHS, TEXT_MODEL):
         src = root / name
         if not src.exists():
             continue
@@ -122,10 +202,9 @@ def write_front_end_files(ctx: "Context", external: dict[str, bool]) -> None:
         data = json.loads(pre.read_text())
         data.setdefault("processor_class", processor.__class__.__name__)
         pre.write_text(json.dumps(data, indent=2, sort_keys=True))
-    if processor is not None and processor.__class__.__name__ == "LlavaProcessor":
-        keys = ("image_token", "patch_size", "num_additional_image_tokens", "vision_feature_select_strategy")
-        cfg = {k: getattr(processor, k) for k in keys if getattr(processor, k, None) is not None}
-        if cm.image is not None:
-            cfg.setdefault("image_token", cm.image.image_token)
-        cfg["processor_class"] = "LlavaProcessor"
+    if processor is not None and hasattr(processor, "to_json_string"):
+        # The processor's own settings (image_token, patch_size, image_seq_len, ...), without the
+        # sub-processors, which have their own files: what transformers.js's processors read.
+        cfg = {k: v for k, v in json.loads(processor.to_json_string()).items() if not isinstance(v, dict)}
+        cfg.pop("chat_template", None)  # chat_template.jinja
         (root / "processor_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgemed.formats.onnx.graph import DECODER, EMBED, VISION
-from edgemed.formats.onnx.layout import graph_file
+from edgemed.formats.onnx.layout import TEXT_MODEL, graph_file
 from edgemed.runtime.prompt import PromptAndPixels
 from edgemed.runtime.session import GreedyGeneration
 
@@ -38,12 +38,20 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
             return ort.InferenceSession(str(graph_file(path, name)), opts, providers=providers,
                                         disabled_optimizers=disabled_optimizers)
 
-        self.decoder = sess(DECODER)
-        self.embed = sess(EMBED)
+        if graph_file(path, TEXT_MODEL).exists():  # a text LLM: embedding and decoder in one graph
+            self.decoder, self.embed = sess(TEXT_MODEL), None
+        else:
+            self.decoder, self.embed = sess(DECODER), sess(EMBED)
         self.vision = sess(VISION) if graph_file(path, VISION).exists() else None
+        # A tiled vision graph (layout.tile_vision_input) takes [1, tiles, 3, H, W] and a pixel mask.
+        vision_ins = {i.name: i for i in self.vision.get_inputs()} if self.vision is not None else {}
+        self._tiled_vision = len(vision_ins.get("pixel_values").shape) == 5 if vision_ins else False
+        self._pixel_mask = "pixel_attention_mask" in vision_ins
         ins = {i.name: i for i in self.decoder.get_inputs()}
         self._kv_dtype = _ORT_DTYPES[ins["past_key_values.0.key"].type]
-        self._emb_dtype = _ORT_DTYPES[ins["inputs_embeds"].type]
+        # What forward() feeds: the embeddings, or the ids where the graph embeds them itself.
+        self._first_input = "inputs_embeds" if "inputs_embeds" in ins else "input_ids"
+        self._emb_dtype = _ORT_DTYPES[ins["inputs_embeds"].type] if self.embed is not None else np.int64
         self._has_position_ids = "position_ids" in ins
         self._has_token_type_ids = "token_type_ids" in ins
         self._shared_kv = manifest.runtime.get("kv_cache") == "shared_buffer"
@@ -54,9 +62,19 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
 
     # --- building blocks (also used by parity and the benchmark) ------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
-        return self.vision.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
+        pv = pixel_values.astype(np.float32)
+        if not self._tiled_vision:
+            return self.vision.run(None, {"pixel_values": pv})[0]
+        feeds = {"pixel_values": pv[None]}
+        if self._pixel_mask:
+            feeds["pixel_attention_mask"] = np.ones((1, pv.shape[0], *pv.shape[2:]), bool)
+        return self.vision.run(None, feeds)[0]
 
     def input_embeds(self, ids: np.ndarray, image_features: np.ndarray | None) -> np.ndarray:
+        """[1, S, D] embeddings with the image features in place; for a one-graph text LLM the ids
+        themselves ([1, S]), which its graph embeds."""
+        if self.embed is None:
+            return np.asarray(ids, np.int64)[None]
         emb = self.embed.run(None, {"input_ids": ids[None]})[0]
         if image_features is not None:
             pos = np.flatnonzero(ids == self.image["image_token_id"])
@@ -84,7 +102,7 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         total = past.length + seq
         binding = past.binding(self.decoder, total)
         binding.bind_output("logits")  # rebound in place: its shape changes between prefill and decode
-        binding.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds))
+        binding.bind_cpu_input(self._first_input, np.ascontiguousarray(embeds))
         binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
         if self._has_position_ids:
             binding.bind_cpu_input("position_ids", np.arange(past.length, total, dtype=np.int64)[None])

@@ -17,6 +17,7 @@ class Idefics3Adapter(Adapter):
     # A missing single token becomes token -1 in llama-mtmd-cli and crashes decoding (REFERENCE.md).
     mmproj = MmprojFacts("idefics3", ("model.vision_model.",), write_post_ln=True,
                          single_tokens=("\n\n", "\n", "<fake_token_around_image>", "<global-img>"))
+    vision_input = "tiles"
 
     @classmethod
     def model_class(cls):
