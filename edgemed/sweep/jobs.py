@@ -96,8 +96,10 @@ def _pool(jobs: list[dict], workers: int, budget: int, emit) -> Iterator[dict]:
 
     pending = sorted(jobs, key=lambda j: -j["host_bytes"])  # big ones first, small ones fill the gaps
     running: dict[Any, dict] = {}
-    # spawn: a fresh interpreter per worker (no forked torch/ONNX Runtime thread pools)
-    with ProcessPoolExecutor(max_workers=max(workers, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
+    # spawn: a fresh interpreter per worker (no forked torch/ONNX Runtime thread pools); one job per
+    # worker process, so the RAM a compress held goes back to the host before the next job starts.
+    with ProcessPoolExecutor(max_workers=max(workers, 1), mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
         while pending or running:
             used = sum(j["host_bytes"] for j in running.values())
             for job in list(pending):
@@ -132,7 +134,7 @@ def _ray(jobs: list[dict], workers: int, address: str | None, emit) -> Iterator[
             ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False)
     try:
         node_memory = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-        remote = ray.remote(run_job)
+        remote = ray.remote(max_calls=1)(run_job)  # a fresh worker process per job: its RAM goes back after
         refs: dict[Any, dict] = {}
         for job in jobs:
             if job["host_bytes"] > node_memory:

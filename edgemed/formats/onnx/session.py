@@ -63,10 +63,10 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
     # --- building blocks (also used by parity and the benchmark) ------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
         pv = pixel_values.astype(np.float32)
-        if not self._tiled_vision:
+        if not getattr(self, "_tiled_vision", False):  # TensorRT's session borrows this method: 4-D graphs
             return self.vision.run(None, {"pixel_values": pv})[0]
         feeds = {"pixel_values": pv[None]}
-        if self._pixel_mask:
+        if getattr(self, "_pixel_mask", False):
             feeds["pixel_attention_mask"] = np.ones((1, pv.shape[0], *pv.shape[2:]), bool)
         return self.vision.run(None, feeds)[0]
 
