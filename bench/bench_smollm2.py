@@ -80,7 +80,7 @@ def kld_windows(tokenizer, n_windows: int = 4, window: int = 512) -> list[np.nda
 
 
 def kld_stats(parent: list[np.ndarray], child: list[np.ndarray]) -> dict:
-    from edgemed.reference.parity import log_softmax
+    from edgemed.reference.metrics import log_softmax
 
     klds, agree = [], []
     for p, c in zip(parent, child):

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     from edgemed.errors import EdgemedError
     from edgemed.formats.tensorrt.engine import build_engines
     from edgemed.calibration.builtin import synthetic_test_image
-    from edgemed.reference.parity import compare_logits, cosine_rows
+    from edgemed.reference.metrics import compare_logits
+    from edgemed.reference.parity import cosine_rows
     from edgemed.formats.tensorrt.session import open_tensorrt
 
     art = args.artifact

@@ -177,6 +177,8 @@ def bench(
     bandwidth_gb_s: Optional[float] = typer.Option(None, "--bandwidth-gb-s", help="Use this memory bandwidth for the roofline instead of measuring."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256 before running (sizes and paths are always checked)."),
     allow_rejected: bool = typer.Option(False, "--allow-rejected", help="Run an artifact its recipe's gates rejected."),
+    device: str = typer.Option("auto", "--device", help="auto (the target's GPU when this machine can run it there, "
+                               "else the CPU), cpu, or cuda (exit 2 without a GPU or a GPU runtime)."),
 ):
     """Measure an artifact on this machine: accuracy, fidelity, latency, memory, energy, roofline."""
     from edgemed.bench import run_bench
@@ -187,13 +189,14 @@ def bench(
         report = run_bench(artifact, suite or [], output=output, runs=runs, warmup=warmup,
                            max_new_tokens=max_new_tokens, limit=limit, split=split, with_reports=with_report or [],
                            bandwidth_gb_s=bandwidth_gb_s, verify=verify, allow_rejected=allow_rejected,
-                           progress=lambda m: prog.update(task, description=m))
+                           device=device, progress=lambda m: prog.update(task, description=m))
         prog.update(task, description="done")
     lat, fid, roof = report["latency"], report["fidelity"], report["roofline"]
     f = lambda v: "n/a" if v is None else f"{v:.4g}"  # noqa: E731
     console.print(f"TTFT p50 {f(lat['ttft_ms']['p50'])} ms, p90 {f(lat['ttft_ms']['p90'])} ms; decode {f(lat['decode_tok_s'])} tok/s "
                   f"({f(roof.get('fraction'))} of the {f(roof.get('decode_ceiling_tok_s'))} tok/s roofline); "
-                  f"peak RSS {f(report['memory']['peak_rss_mb'])} MB")
+                  f"peak RSS {f(report['memory']['peak_rss_mb'])} MB; ran on {report['device']['ran_on']} "
+                  f"({report['device']['reason']})")
     console.print(f"fidelity: KLD mean {f(fid.get('kld_mean'))}, top-1 agreement {f(fid.get('top1_agreement'))}, "
                   f"flip rate {f(fid.get('answer_flip_rate'))}; energy: "
                   f"{f(report['energy'].get('joules_per_token'))} J/token"
@@ -304,12 +307,14 @@ def serve(
                                           help="Require 'Authorization: Bearer KEY' on every /v1 request."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: the folder's name)."),
     queue_size: int = typer.Option(8, "--queue-size", help="Requests waiting or running; more get 503 with Retry-After."),
+    device: str = typer.Option("auto", "--device", help="auto (the target's GPU when this machine can run it there, "
+                               "else the CPU), cpu, or cuda."),
 ):
     """OpenAI-compatible local server: POST /v1/chat/completions (text, image_url data: URIs, DICOM,
     stream), GET /v1/models, GET /health. Loopback by default."""
     from edgemed.serve import serve as run
 
-    run(artifact, host=host, port=port, api_key=api_key, model_name=model_name, queue_size=queue_size)
+    run(artifact, host=host, port=port, api_key=api_key, model_name=model_name, queue_size=queue_size, device=device)
 
 
 @app.command()

@@ -115,7 +115,8 @@ def test_transformersjs_generates_what_edgemed_generates(artifact, tmp_path):
         pytest.skip("node and tests/js/node_modules (npm ci --prefix tests/js) are needed")
     import edgemed.runtime
     from edgemed.models import load_model
-    from edgemed.reference.parity import compare_logits, parent_logits
+    from edgemed.reference.metrics import compare_logits
+    from edgemed.reference.parity import parent_logits
 
     session = edgemed.runtime.load(artifact)
     image = _image()
@@ -201,7 +202,8 @@ def test_transformersjs_runs_a_text_llm_as_edgemed_does(text_artifact, tmp_path)
         pytest.skip("node and tests/js/node_modules (npm ci --prefix tests/js) are needed")
     import edgemed.runtime
     from edgemed.models import load_model
-    from edgemed.reference.parity import compare_logits, parent_logits
+    from edgemed.reference.metrics import compare_logits
+    from edgemed.reference.parity import parent_logits
 
     out, model = text_artifact
     session = edgemed.runtime.load(out)

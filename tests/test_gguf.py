@@ -191,7 +191,7 @@ def test_q8_0_vlm_loads_in_llama_cpp_and_matches_transformers(family, artifact, 
     import torch
 
     from edgemed.artifact import read_manifest
-    from edgemed.reference.parity import compare_logits
+    from edgemed.reference.metrics import compare_logits
 
     out = artifact(family, "q8_0")
     m = read_manifest(out)

@@ -100,6 +100,12 @@ def test_plain_chat_equals_the_runtime(served, client, caplog):
     assert r.model == "cxr-int8" and r.id.startswith("chatcmpl-")
     logged = " ".join(rec.getMessage() for rec in caplog.records)
     assert r.id in logged and QUESTION not in logged and ref.text not in logged  # ids and timings only
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(served[0].base_url.removesuffix("/v1") + "/health", timeout=30) as resp:
+        health = json.loads(resp.read())
+    assert health == {"status": "ok", "model": "cxr-int8", "device": "cpu"}
 
 
 def test_streaming_gives_the_same_text(served, client):

@@ -240,7 +240,7 @@ def _logits(session, with_image=True):
 @pytest.mark.slow  # two compresses (about 25 s each here) and the fp32 reference
 @pytest.mark.parametrize("recipe,max_kld,max_rel", [("trt-int8", 1e-3, 0.05), ("trt-int4-awq", 1e-2, 0.2)])
 def test_qdq_artifact_runs_on_ort_close_to_fp32(trt_artifact, artifact, recipe, max_kld, max_rel):
-    from edgemed.reference.parity import compare_logits
+    from edgemed.reference.metrics import compare_logits
     from edgemed.runtime import load
     from edgemed.formats.onnx.session import OnnxSession
 
@@ -273,6 +273,11 @@ def test_qdq_artifact_runs_on_ort_close_to_fp32(trt_artifact, artifact, recipe, 
 
     session = load(out)
     assert session.parity_record()["runtime_backend"].startswith("onnxruntime")
+    assert session.device.device == "cpu" and "no NVIDIA GPU" in session.device.reason  # a GPU target, no GPU here
+    ids = session.prompt_ids("Is the heart enlarged?", False)
+    _, past = session.forward(session.input_embeds(ids, None), session.empty_past(len(ids)), ids)
+    assert type(past).__name__ == "ConcatKV" and past.length == len(ids)  # torch.onnx's concat layout:
+    assert all(v.device_name().lower() == "cpu" for v in past.values.values())  # present bound as the next past
     ref_dir = artifact("llava-siglip", "fp32")
     ref = OnnxSession(ref_dir, read_manifest(ref_dir))
     for got, want in zip(_logits(session), _logits(ref)):
@@ -331,7 +336,7 @@ def test_engine_records_are_hashed_and_verified(trt_artifact, tmp_path):
 @pytest.mark.skipif(_tensorrt_reason() is not None, reason=f"needs TensorRT and a GPU: {_tensorrt_reason()}")
 def test_engine_build_and_parity(trt_artifact, tmp_path):
     from edgemed.formats.tensorrt.engine import build_engines
-    from edgemed.reference.parity import compare_logits
+    from edgemed.reference.metrics import compare_logits
     from edgemed.formats.tensorrt.session import open_tensorrt
 
     out = tmp_path / "a"
@@ -380,7 +385,7 @@ def _fake_tensorrt():
 
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.0.0-fake"
-    log = {"flags": [], "profiles": [], "switches": [], "workspace": []}
+    log = {"flags": [], "profiles": [], "switches": [], "workspace": [], "runs": [], "copies": []}
     trt.fake_log = log
 
     class Logger:
@@ -509,6 +514,7 @@ def _fake_tensorrt():
             return self._run()[name].shape
 
         def execute_async_v3(self, stream):
+            log["runs"].append(len(self.engine.outs))
             for name, arr in self._run().items():
                 arr = np.ascontiguousarray(arr)
                 ctypes.memmove(self.addr[name], arr.ctypes.data, arr.nbytes)
@@ -544,6 +550,7 @@ def _fake_tensorrt():
             return (0,)
 
         def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+            log["copies"].append(kind)
             ctypes.memmove(dst, src, n)
             return (0,)
 
@@ -590,16 +597,27 @@ def test_build_engine_and_trt_session_glue_with_a_stand_in(trt_artifact, tmp_pat
     assert ["FP16", "INT8"] in trt.fake_log["flags"] and 2 in trt.fake_log["profiles"]
     assert set(trt.fake_log["workspace"]) == {1_300_000_000}
 
+    import edgemed.runtime.device as dev
+
+    assert isinstance(load(out), ts.QdqOnnxSession)  # a GPU target, but no GPU here: the Q/DQ ONNX on the CPU
+    monkeypatch.setattr(dev, "gpu_absent_reason", lambda: None)  # the stand-in's GPU
     trt_s, ort_s = load(out), ts.open_tensorrt(out, m, backend="onnxruntime")
     assert isinstance(trt_s, ts.TrtSession) and trt_s.parity_record()["runtime_backend"] == "tensorrt engines"
+    assert trt_s.device.device == "cuda" and isinstance(load(out, device="cpu"), ts.QdqOnnxSession)
     for got, want in zip(_logits(trt_s), _logits(ort_s)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert 1 in trt.fake_log["switches"]  # the decode profile was selected for one-token steps
     from edgemed.calibration.builtin import synthetic_test_image
 
+    log = trt.fake_log
+    log["runs"].clear(), log["copies"].clear()
     a = trt_s.generate(synthetic_test_image(), "Any effusion?", max_new_tokens=6, stop_at_eos=False)
     b_ = ort_s.generate(synthetic_test_image(), "Any effusion?", max_new_tokens=6, stop_at_eos=False)
     assert a.token_ids == b_.token_ids and len(a.token_ids) == 6
+    # The KV cache stays on the device: each engine run copies one tensor down (logits, embeddings,
+    # image features), although the decoder has 1 + 2 x layers outputs.
+    d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    assert max(log["runs"]) > 1 and log["copies"].count(d2h) == len(log["runs"])
     trt_s.close()
 
 

@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.artifact import FileRecord, Manifest
 
-__all__ = ["percentiles", "latency_summary", "PeakRssSampler", "accelerator_memory", "host_info",
+__all__ = ["percentiles", "latency_summary", "PeakRssSampler", "accelerator_memory", "host_info", "device_info",
            "measure_bandwidth_gb_s", "bytes_per_token", "roofline", "artifact_mb"]
 
 
@@ -165,6 +165,99 @@ def host_info() -> dict[str, Any]:
             "physical_cores": psutil.cpu_count(logical=False), "accelerator": accel,
             "os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
             "python": platform.python_version(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}
+
+
+def _nvml_gpu(nvml=None) -> dict[str, Any]:
+    """GPU 0's identity, versions and clocks from NVML, or {"unavailable_reason": ...}."""
+    try:
+        if nvml is None:
+            import pynvml as nvml  # noqa: PLC0415  optional (nvidia-ml-py)
+    except ImportError:
+        return {"unavailable_reason": "pynvml (nvidia-ml-py) is not installed"}
+    try:
+        nvml.nvmlInit()
+    except Exception as e:  # noqa: BLE001
+        return {"unavailable_reason": f"no NVIDIA driver ({type(e).__name__})"}
+
+    def ask(fn, *args):
+        try:
+            v = getattr(nvml, fn)(*args)
+            return v.decode() if isinstance(v, bytes) else v
+        except Exception:  # noqa: BLE001  a counter this GPU or driver lacks
+            return None
+
+    try:
+        if not ask("nvmlDeviceGetCount"):
+            return {"unavailable_reason": "NVML found no GPU"}
+        h = nvml.nvmlDeviceGetHandleByIndex(0)
+        cuda = ask("nvmlSystemGetCudaDriverVersion")
+        mem = ask("nvmlDeviceGetMemoryInfo", h)
+        limit = ask("nvmlDeviceGetPowerManagementLimit", h)
+        clock = lambda kind, which: ask(which, h, getattr(nvml, kind, None))  # noqa: E731
+        return {
+            "name": ask("nvmlDeviceGetName", h), "driver": ask("nvmlSystemGetDriverVersion"),
+            "cuda_driver": f"{cuda // 1000}.{cuda % 1000 // 10}" if isinstance(cuda, int) else None,
+            "memory_total_mb": mem.total / 1e6 if mem is not None else None,
+            "sm_clock_mhz": clock("NVML_CLOCK_SM", "nvmlDeviceGetClockInfo"),
+            "sm_clock_max_mhz": clock("NVML_CLOCK_SM", "nvmlDeviceGetMaxClockInfo"),
+            "mem_clock_mhz": clock("NVML_CLOCK_MEM", "nvmlDeviceGetClockInfo"),
+            "mem_clock_max_mhz": clock("NVML_CLOCK_MEM", "nvmlDeviceGetMaxClockInfo"),
+            "performance_state": ask("nvmlDeviceGetPerformanceState", h),
+            "power_limit_w": limit / 1e3 if isinstance(limit, (int, float)) else None,
+            "persistence_mode": ask("nvmlDeviceGetPersistenceMode", h),
+            "source": "NVML",
+        }
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _runtime_versions() -> dict[str, Any]:
+    """Versions of the runtimes a session may use, and what each can do with a GPU here."""
+    out: dict[str, Any] = {}
+    try:
+        import onnxruntime as ort  # noqa: PLC0415
+
+        out["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
+    except ImportError:
+        pass
+    try:
+        import llama_cpp  # noqa: PLC0415
+
+        out["llama_cpp"] = {"version": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+    except ImportError:
+        pass
+    try:
+        import tensorrt  # noqa: PLC0415
+
+        out["tensorrt"] = {"version": tensorrt.__version__}
+    except ImportError:
+        pass
+    return out
+
+
+def device_info(session=None, nvml=None) -> dict[str, Any]:
+    """What a GPU measurement needs beside its numbers: where the session ran and why, the GPU,
+    driver and CUDA versions, clocks and power limit (NVML), the Jetson power mode (nvpmodel), and
+    the runtimes' versions."""
+    from edgemed.host import read_power_mode
+
+    choice = getattr(session, "device", None)
+    out: dict[str, Any] = {"ran_on": choice.device if choice is not None else "cpu",
+                           "requested": choice.requested if choice is not None else None,
+                           "reason": choice.reason if choice is not None else "the session does not say (CPU)"}
+    providers = getattr(session, "providers", None)
+    if providers:
+        out["onnxruntime_providers"] = list(providers)
+    if getattr(session, "n_gpu_layers", None) is not None:
+        out["llama_cpp_n_gpu_layers"] = session.n_gpu_layers
+    out["gpu"] = _nvml_gpu(nvml)
+    mode = read_power_mode()
+    out["power_mode"] = str(mode) if mode is not None else None
+    out["runtimes"] = _runtime_versions()
+    return out
 
 
 def measure_bandwidth_gb_s(nbytes: int = 256_000_000, repeats: int = 5) -> float:

@@ -120,6 +120,7 @@ def markdown(r: dict) -> str:
              f"- artifact: `{a.get('path')}` ({a.get('format')}, recipe {a.get('recipe')}, status {a.get('status')})",
              f"- target: {(r.get('target') or {}).get('name', 'n/a')}; host: {host.get('cpu')}, "
              f"{host.get('cores')} cores, accelerator {host.get('accelerator') or 'none'}, {host.get('os')}",
+             _device_line(r.get("device")),
              f"- created {r.get('created_utc')} by edgemed {r.get('edgemed_version')}; greedy decoding", "",
              "## Latency", "", "| metric | p50 | p90 | p99 |", "|---|---|---|---|"]
     for k in ("ttft_ms", "tpot_ms"):
@@ -203,3 +204,16 @@ def comparison_markdown(table: dict) -> str:
               "(lower is faster). Peak RSS is the whole process (the parent stays loaded), so compare it across "
               "separate device_bench.py runs, not here."]
     return "\n".join(lines) + "\n"
+
+
+def _device_line(device: dict | None) -> str:
+    if not device:
+        return "- ran on: not recorded"
+    line = f"- ran on: {device.get('ran_on')} ({device.get('reason')})"
+    gpu = device.get("gpu") or {}
+    if device.get("ran_on") == "cuda" and gpu.get("name"):
+        line += (f"; {gpu['name']}, driver {gpu.get('driver')}, CUDA {gpu.get('cuda_driver')}, SM clock "
+                 f"{gpu.get('sm_clock_mhz')}/{gpu.get('sm_clock_max_mhz')} MHz, power limit {gpu.get('power_limit_w')} W")
+    if device.get("power_mode"):
+        line += f"; {device['power_mode']}"
+    return line

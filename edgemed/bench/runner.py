@@ -43,6 +43,9 @@ def _kv_bytes_per_element(session) -> int | None:
 
 
 def _on_accelerator(session) -> bool:
+    choice = getattr(session, "device", None)
+    if choice is not None and hasattr(choice, "device"):
+        return choice.device == "cuda"
     for attr in ("decoder", "vision", "embed"):
         s = getattr(session, attr, None)
         if s is not None and hasattr(s, "get_providers"):
@@ -160,7 +163,7 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
               bandwidth_gb_s: float | None = None, energy_min_window_s: float = 1.0,
               session=None, manifest: Manifest | None = None,
               name: str | None = None, plots: bool = True, record_in_manifest: bool = True,
-              verify: bool = True, allow_rejected: bool = False,
+              verify: bool = True, allow_rejected: bool = False, device: str = "auto",
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark one artifact folder (or an already-open ``session`` with its ``manifest``, e.g.
     the PyTorch parent in bench/compare.py) and return the report dict; with ``output``, write
@@ -168,6 +171,8 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
 
     The artifact is checked first as edgemed.runtime.load checks it (``verify``: every sha256;
     ``allow_rejected``: run an artifact its gates rejected).
+    ``device``: auto, cpu or cuda, as edgemed.runtime.load takes it; the report's "device" block says
+    which ran, why, and what a GPU number needs beside it (GPU, driver, clocks, runtimes).
     ``suites``: ``NAME`` or ``NAME=PATH`` (see edgemed.bench.suites). ``runs`` latency requests
     after ``warmup`` unmeasured ones, each decoding exactly ``max_new_tokens`` tokens greedily.
     """
@@ -191,7 +196,7 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
             raise BadInputError("artifact", "no artifact folder and no session given", "pass ARTIFACT")
         manifest = read_manifest(artifact_dir)
         check_artifact(artifact_dir, manifest, hashes=verify, allow_rejected=allow_rejected)
-        session = open_session(artifact_dir, manifest)
+        session = open_session(artifact_dir, manifest, device=device)
     manifest = manifest or Manifest()
     load_s = time.perf_counter() - t_load
     is_parent = bool(getattr(session, "is_reference", False))  # the PyTorch parent itself
@@ -272,6 +277,7 @@ def run_bench(artifact: str | Path | None, suites: Sequence[str] = (), *, output
         "target": {"name": target.get("name"), "memory_bandwidth_gb_s": target.get("memory_bandwidth_gb_s"),
                    "memory_gb": target.get("memory_gb")} if target else None,
         "host": meters.host_info(),
+        "device": meters.device_info(session),
         "latency": latency,
         "memory": memory,
         "energy": energy,

@@ -139,8 +139,15 @@ class FormatBackend:
         BadInputError); the generic ones (paths, symlinks, sizes, hashes) are edgemed.artifact.verify."""
 
     @classmethod
+    def cuda_unavailable_reason(cls, path: "Path", manifest) -> str | None:
+        """Why this format's runtime cannot run the artifact on an NVIDIA GPU here (None: it can);
+        checked before a session opens with device "cuda" (see edgemed.runtime.device)."""
+        return f"edgemed has no GPU runtime for {cls.name} artifacts"
+
+    @classmethod
     def open_session(cls, path: "Path", manifest, **kwargs):
-        """A runtime session for an artifact of this format (see edgemed.runtime.session)."""
+        """A runtime session for an artifact of this format (see edgemed.runtime.session); kwargs
+        include device (an edgemed.runtime.device.DeviceChoice) when edgemed.runtime chose one."""
         raise NotImplementedError
 
 

@@ -201,7 +201,7 @@ def cache_parent_reference(cm, out_dir: str | Path, prompts: Sequence[str | Item
 
 def _topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids [S, k] int32 sorted by probability, their log-probs, log of the mass outside them)."""
-    from edgemed.reference.parity import log_softmax
+    from edgemed.reference.metrics import log_softmax
 
     lp = log_softmax(logits)
     idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
@@ -241,7 +241,7 @@ def closed_label(text: str, labels: Sequence[str] = ("yes", "no")) -> str | None
 
 def _kld_rows(meta: dict, arrays: dict, lo: int, hi: int, got_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-position KLD(parent || artifact) and top-1 agreement for reference rows lo:hi."""
-    from edgemed.reference.parity import log_softmax
+    from edgemed.reference.metrics import log_softmax
 
     lq = log_softmax(got_logits)
     if meta["mode"] == "full":

@@ -16,14 +16,17 @@ from edgemed.artifact import Manifest, read_manifest, verify_or_raise
 from edgemed.errors import BadInputError
 
 
-def load(artifact_dir: str | Path, *, verify: bool = True, allow_rejected: bool = False, **kwargs):
+def load(artifact_dir: str | Path, *, verify: bool = True, allow_rejected: bool = False, device: str = "auto",
+         **kwargs):
     """A session for the artifact's format, with `generate(image, prompt, max_new_tokens)`, after
     check_artifact: sha256 of every file unless `verify=False` (sizes are always checked); an artifact
-    its gates rejected only with `allow_rejected=True`."""
+    its gates rejected only with `allow_rejected=True`. `device`: "auto" (the target's accelerator
+    when this machine can run it there, else the CPU), "cpu" or "cuda" (refused with exit 2 where
+    there is no GPU or no GPU runtime); `session.device` says which ran and why."""
     path = Path(artifact_dir)
     manifest = read_manifest(path)
     check_artifact(path, manifest, hashes=verify, allow_rejected=allow_rejected)
-    return open_session(path, manifest, **kwargs)
+    return open_session(path, manifest, device=device, **kwargs)
 
 
 def check_artifact(path: Path, manifest: Manifest, *, hashes: bool = True, allow_rejected: bool = False) -> None:
@@ -51,17 +54,23 @@ def check_artifact(path: Path, manifest: Manifest, *, hashes: bool = True, allow
     backend.check_files(path, manifest)
 
 
-def open_session(path: Path, manifest: Manifest, **kwargs):
+def open_session(path: Path, manifest: Manifest, device: str | None = None, **kwargs):
     """The session of the backend manifest.format names, without the checks of `load` (for a
     folder edgemed is writing itself). Every session offers the same calls: generate(),
-    prompt_ids(), pixel_values(), encode_image() and logits() (used by parity and bench)."""
+    prompt_ids(), pixel_values(), encode_image() and logits() (used by parity and bench).
+    `device` as in `load`; None: the session's own default (the CPU; TensorRT engines where built)."""
     from edgemed.formats.base import FORMATS
+    from edgemed.runtime.device import choose_device
 
     fmt = manifest.format
     if fmt not in FORMATS:
         raise BadInputError(str(path), f"artifact format '{fmt}' has no runtime in this edgemed version",
                             "re-export with an ONNX recipe (int8, int4, fp16) or a GGUF recipe (q8_0, q4_k_m, ...)")
-    return FORMATS.get(fmt).open_session(path, manifest, **kwargs)
+    backend = FORMATS.get(fmt)
+    if device is not None:
+        runtime_reason = None if device == "cpu" else backend.cuda_unavailable_reason(path, manifest)
+        kwargs["device"] = choose_device(device, fmt, manifest.target, runtime_reason)
+    return backend.open_session(path, manifest, **kwargs)
 
 
 __all__ = ["load", "check_artifact", "open_session"]

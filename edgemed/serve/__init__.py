@@ -44,14 +44,19 @@ def build_app(artifact: str | Path, *, model_name: str | None = None, api_key: s
 
 
 def serve(artifact: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, queue_size: int = 8, verify: bool = True, log_level: str = "info") -> None:
-    """Serve until interrupted; on SIGINT/SIGTERM in-flight requests finish first (up to 30 s)."""
+          model_name: str | None = None, queue_size: int = 8, verify: bool = True, log_level: str = "info",
+          device: str = "auto") -> None:
+    """Serve until interrupted; on SIGINT/SIGTERM in-flight requests finish first (up to 30 s).
+    `device` as edgemed.runtime.load takes it (auto, cpu, cuda)."""
     check_bind(host, api_key)
-    app, _ = build_app(artifact, model_name=model_name, api_key=api_key, verify=verify, queue_size=queue_size)
+    app, session = build_app(artifact, model_name=model_name, api_key=api_key, verify=verify, queue_size=queue_size,
+                             device=device)
     import uvicorn
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    choice = session.device
+    logging.getLogger("edgemed.serve").info("serving on %s (%s)", choice.device, choice.reason)
     # access_log off: uvicorn's access lines are harmless, but the app's own lines say what matters
     # (request id, status, token counts, seconds) and nothing of the prompt or image.
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=30,

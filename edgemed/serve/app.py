@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP app over one artifact session (Starlette; run by uvicorn).
 
     GET  /                       an example clinic page (static/index.html): image + question, streamed answer
-    GET  /health                 {"status": "ok", "model": NAME}
+    GET  /health                 {"status": "ok", "model": NAME, "device": "cpu" | "cuda"}
     GET  /v1/models              the one model this server holds
     POST /v1/chat/completions    OpenAI chat completions: text and image_url parts (data: URIs of
                                  PNG/JPEG/... or DICOM, application/dicom), stream: true as
@@ -92,7 +92,9 @@ def create_app(session, settings: ServeSettings):
             raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": settings.model_name})
+        choice = getattr(session, "device", None)
+        return JSONResponse({"status": "ok", "model": settings.model_name,
+                             "device": choice.device if choice is not None else "cpu"})
 
     async def models(request: Request) -> Response:
         try:

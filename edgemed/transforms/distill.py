@@ -69,7 +69,7 @@ class Distill(Step):
         import torch
         from tqdm import tqdm
 
-        from edgemed.reference.parity import compare_logits
+        from edgemed.reference.metrics import compare_logits
         from edgemed.calibration.samples import calibration_set
         from edgemed.reference.parent import parity_prompt_logits
 

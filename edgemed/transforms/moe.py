@@ -180,7 +180,7 @@ class MoeDistill(Step):
     def run(self, ctx: "Context") -> None:
         import torch
 
-        from edgemed.reference.parity import compare_logits
+        from edgemed.reference.metrics import compare_logits
         from edgemed.calibration.samples import calibration_set
 
         a = self.args

@@ -169,7 +169,7 @@ class _Prune(Step):
             self.update_config(tc, record)
         cm.text.num_layers = len(lm.layers)
         after = self._params(cm, lm)
-        from edgemed.reference.parity import compare_logits
+        from edgemed.reference.metrics import compare_logits
 
         got = parity_prompt_logits(cm)
         kld = compare_logits(np.concatenate(ref), np.concatenate(got))

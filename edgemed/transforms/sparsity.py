@@ -71,7 +71,8 @@ class PruneSparse(Step):
         import torch
 
         from edgemed.reference.parent import parity_prompt_logits
-        from edgemed.reference.parity import compare_logits, run_calibration
+        from edgemed.reference.metrics import compare_logits
+        from edgemed.reference.parity import run_calibration
 
         a = self.args
         cm = ctx.cm

@@ -58,6 +58,17 @@ class GgufBackend(FormatBackend):
         return ["model-*.gguf", "tokenizer.json", *image]
 
     @classmethod
+    def cuda_unavailable_reason(cls, path, manifest) -> str | None:
+        try:
+            import llama_cpp
+        except ImportError:
+            return "llama-cpp-python is not installed (pip install 'edgemed[llamacpp]')"
+        if not llama_cpp.llama_supports_gpu_offload():
+            return ("this llama-cpp-python was built without a GPU backend (reinstall it with "
+                    "CMAKE_ARGS=\"-DGGML_CUDA=on\" pip install --no-binary llama-cpp-python llama-cpp-python)")
+        return None
+
+    @classmethod
     def open_session(cls, path, manifest, **kwargs):
         from edgemed.formats.gguf.session import GgufSession
 

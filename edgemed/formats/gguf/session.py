@@ -67,15 +67,24 @@ def check_gguf_file(path: Path, expected_bytes: int | None = None) -> None:
 
 
 class GgufSession(PromptAndPixels, GreedyGeneration):
-    """kv_f32: an F32 KV cache (default) so parity measures the weights, not KV rounding; pass
-    kv_f32=False to time the F16 cache llama.cpp deploys with."""
+    """kv_f32: an F32 KV cache (the CPU default) so parity measures the weights, not KV rounding;
+    pass kv_f32=False to time the F16 cache llama.cpp deploys with. On device "cuda" every layer is
+    offloaded (n_gpu_layers=-1), the mmproj's encoder runs on the GPU and the KV cache is F16 unless
+    kv_f32=True is passed: llama.cpp's own GPU deployment."""
 
     def __init__(self, path: Path, manifest: "Manifest", n_threads: int | None = None, n_ctx: int | None = None,
-                 kv_f32: bool = True, n_gpu_layers: int = 0):
+                 kv_f32: bool | None = None, n_gpu_layers: int | None = None, device=None):
         from tokenizers import Tokenizer
+
+        from edgemed.runtime.device import DeviceChoice
 
         lc = _llama_cpp()
         self._lc = lc
+        self.device = device or DeviceChoice("cpu", "cpu", "the session's default")
+        on_gpu = self.device.device == "cuda"
+        n_gpu_layers = (-1 if on_gpu else 0) if n_gpu_layers is None else n_gpu_layers
+        kv_f32 = (not on_gpu) if kv_f32 is None else kv_f32
+        self.n_gpu_layers = n_gpu_layers
         self.path, self.manifest = Path(path), manifest
         self.text: dict[str, Any] = manifest.model.text
         self.image: dict[str, Any] | None = global_image_only(manifest.model.image)
@@ -139,7 +148,7 @@ class GgufSession(PromptAndPixels, GreedyGeneration):
             # clip/mtmd log through llama-cpp-python's logger (quiet unless verbose), not stderr.
             mtmd_cpp.mtmd_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
             params = mtmd_cpp.mtmd_context_params_default()
-            params.use_gpu = False
+            params.use_gpu = self.device.device == "cuda"
             params.print_timings = False
             params.n_threads = self.n_threads
             params.warmup = False

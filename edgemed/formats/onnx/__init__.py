@@ -111,6 +111,15 @@ class OnnxBackend(FormatBackend):
                 check_external_data(root, f.path, {g.path for g in manifest.files})
 
     @classmethod
+    def cuda_unavailable_reason(cls, path, manifest) -> str | None:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (pip install onnxruntime-gpu "
+                    "in place of onnxruntime; on a Jetson, the JetPack wheel)")
+        return None
+
+    @classmethod
     def open_session(cls, path, manifest, **kwargs):
         from edgemed.formats.onnx.session import OnnxSession
 

@@ -6,8 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgemed.errors import BadInputError
 from edgemed.formats.onnx.graph import DECODER, EMBED, VISION
 from edgemed.formats.onnx.layout import TEXT_MODEL, graph_file
+from edgemed.runtime.device import DeviceChoice, onnx_providers
 from edgemed.runtime.prompt import PromptAndPixels
 from edgemed.runtime.session import GreedyGeneration
 
@@ -17,9 +19,20 @@ if TYPE_CHECKING:  # pragma: no cover
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+def _trt_ep_cache(path: Path, manifest: "Manifest") -> str:
+    """Where TensorRT's execution provider keeps the engines it builds for this artifact: in the
+    user's cache, keyed by the manifest's hash of the decoder (never inside the verified artifact)."""
+    import os
+
+    key = next((f.sha256 for f in manifest.files if f.path.endswith(".onnx") and f.sha256), None) or path.resolve().name
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgemed" / "trt-ep"
+    return str(root / str(key)[:16])
+
+
 class OnnxSession(PromptAndPixels, GreedyGeneration):
-    def __init__(self, path: Path, manifest: "Manifest", providers: list[str] | None = None,
-                 intra_op_threads: int | None = None, disabled_optimizers: list[str] | None = None):
+    def __init__(self, path: Path, manifest: "Manifest", providers: list | None = None,
+                 intra_op_threads: int | None = None, disabled_optimizers: list[str] | None = None,
+                 device: DeviceChoice | None = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -32,7 +45,17 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
-        providers = providers or ["CPUExecutionProvider"]
+        self.device = device or DeviceChoice("cpu", "cpu", "the session's default")
+        # Where the KV cache lives between steps: on the GPU with CUDA (IOBinding keeps it there; only
+        # the logits come back to the host), in host memory on the CPU. Same code path on both.
+        self._ort_device = "cuda" if self.device.device == "cuda" else "cpu"
+        if not providers:
+            available = ort.get_available_providers()
+            cache = None
+            if self.device.device == "cuda" and "TensorrtExecutionProvider" in available:
+                cache = _trt_ep_cache(path, manifest)
+                Path(cache).mkdir(parents=True, exist_ok=True)
+            providers = onnx_providers(self.device.device, available, trt_cache_dir=cache)
 
         def sess(name):
             return ort.InferenceSession(str(graph_file(path, name)), opts, providers=providers,
@@ -59,6 +82,16 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         # The most positions the model holds (RoPE's trained range); generate() never plans past it.
         self.context_tokens = int(self.text.get("max_position_embeddings") or 2048)
         self.eos = set(self.text.get("eos_token_ids") or [])
+        self.providers = self.decoder.get_providers()
+        if self.device.device == "cuda" and self.providers[0] == "CPUExecutionProvider":
+            raise BadInputError(str(path), "ONNX Runtime could not open the CUDA execution provider "
+                                "(a CUDA or cuDNN library is missing or does not match this onnxruntime-gpu)",
+                                "check `python -c \"import onnxruntime; print(onnxruntime.get_device())\"`, "
+                                "or run with --device cpu")
+
+    @property
+    def on_accelerator(self) -> bool:
+        return self.device.device == "cuda"
 
     # --- building blocks (also used by parity and the benchmark) ------------------------------
     def encode_image(self, pixel_values: np.ndarray) -> np.ndarray:
@@ -90,9 +123,9 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         torch.onnx graphs return past+new as fresh tensors."""
         shape = (1, self.text["num_kv_heads"], 0, self.text["head_dim"])
         if self._shared_kv:
-            return SharedKV(self.n_layers, shape, self._kv_dtype, max(capacity, 256))
-        return ConcatKV({f"past_key_values.{i}.{kv}": np.zeros(shape, self._kv_dtype)
-                         for i in range(self.n_layers) for kv in ("key", "value")})
+            return SharedKV(self.n_layers, shape, self._kv_dtype, max(capacity, 256), self._ort_device)
+        return ConcatKV.empty([f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")],
+                              shape, self._kv_dtype, self._ort_device)
 
     def forward(self, embeds: np.ndarray, past: "KVCache",
                 ids: np.ndarray | None = None) -> tuple[np.ndarray, "KVCache"]:
@@ -142,23 +175,36 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
 
 
 class ConcatKV:
-    """past_key_values fed as inputs; the graph returns past+new as present.* outputs."""
+    """past_key_values fed as inputs; the graph returns past+new as present.* outputs, which stay
+    where ONNX Runtime wrote them (OrtValues on the session's device, the GPU under CUDA) and are
+    bound as the next step's past: the cache never crosses to the host between steps."""
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
-        self.length = next(iter(arrays.values())).shape[2]
+    def __init__(self, values: dict[str, Any], device: str = "cpu"):
+        self.values, self.device = values, device
+        self.length = next(iter(values.values())).shape()[2]
+
+    @classmethod
+    def empty(cls, names: list[str], shape: tuple, dtype, device: str = "cpu") -> "ConcatKV":
+        import onnxruntime as ort
+
+        return cls({n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), device, 0) for n in names}, device)
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The cache as host arrays (calibration feeds; a copy from the device under CUDA)."""
+        return {n: v.numpy() for n, v in self.values.items()}
 
     def binding(self, session, total: int):
         """A fresh binding with this cache as past and logits + present.* as outputs."""
         binding = session.io_binding()
         binding.bind_output("logits")
-        for name, arr in self.arrays.items():
-            binding.bind_cpu_input(name, arr)
-            binding.bind_output(name.replace("past_key_values", "present"))
+        for name, value in self.values.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_output(name.replace("past_key_values", "present"), self.device)
         return binding
 
     def after(self, outs, total: int) -> "ConcatKV":
-        return ConcatKV({name: o.numpy() for name, o in zip(self.arrays, outs)})
+        return ConcatKV(dict(zip(self.values, outs)), self.device)
 
 
 class SharedKV:
@@ -167,27 +213,30 @@ class SharedKV:
     The binding is kept from step to step: only the step's own inputs are bound again (binding
     2 x layers buffers per token cost about 0.15 ms, 2% of a SmolLM2-135M decode step here)."""
 
-    def __init__(self, n_layers: int, shape: tuple, dtype, capacity: int):
+    def __init__(self, n_layers: int, shape: tuple, dtype, capacity: int, device: str = "cpu"):
         import onnxruntime as ort
 
-        self._ort = ort
+        self._ort, self.device = ort, device
         self.names = [f"{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
         self.shape, self.dtype, self.length = shape, dtype, 0
         self.capacity = capacity
-        self.buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(self._shape(capacity), dtype)) for n in self.names}
+        self.buffers = {n: self._alloc(np.zeros(self._shape(capacity), dtype)) for n in self.names}
         self._binding = None
+
+    def _alloc(self, arr: np.ndarray):
+        return self._ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
 
     def _shape(self, cap: int) -> tuple:
         return (self.shape[0], self.shape[1], cap, self.shape[3])
 
     def binding(self, session, total: int):
-        if total > self.capacity:
+        if total > self.capacity:  # generate() sizes the cache for prompt + answer: this is rare
             cap = max(total, 2 * self.capacity)
             grown = {}
             for n, buf in self.buffers.items():
                 arr = np.zeros(self._shape(cap), self.dtype)
-                arr[:, :, :self.capacity] = buf.numpy()
-                grown[n] = self._ort.OrtValue.ortvalue_from_numpy(arr)
+                arr[:, :, :self.capacity] = buf.numpy()  # through the host on a GPU: once per doubling
+                grown[n] = self._alloc(arr)
             self.buffers, self.capacity = grown, cap
             self._binding = None
         if self._binding is None:

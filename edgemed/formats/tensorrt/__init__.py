@@ -61,6 +61,14 @@ class TensorrtBackend(FormatBackend):
         OnnxBackend.check_files(root, manifest)  # the Q/DQ graphs are ONNX
 
     @classmethod
+    def cuda_unavailable_reason(cls, path, manifest) -> str | None:
+        from edgemed.formats.tensorrt.session import engines_built, tensorrt_available
+
+        if engines_built(path, manifest) is None:
+            return f"no TensorRT engines are built for it (run `edgemed build-engine {path}` on this machine)"
+        return tensorrt_available()
+
+    @classmethod
     def open_session(cls, path, manifest, **kwargs):
         # TensorRT engines where `edgemed build-engine` built them and tensorrt imports; otherwise
         # the same Q/DQ ONNX graphs on ONNX Runtime (host parity, a machine without TensorRT).

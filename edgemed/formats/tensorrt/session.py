@@ -3,9 +3,11 @@
 The engines replace the three ONNX Runtime sessions one for one (vision encoder, embeddings,
 decoder with a KV cache in the torch.onnx `concat` layout); preprocessing, prompts, image-token
 splicing and greedy decoding are OnnxSession's own code, so a TensorRT artifact answers exactly as
-its ONNX twin would. Buffers live in device memory allocated through cuda-python (no torch); the
-KV cache round-trips through host memory between calls, which is simple and correct but not the
-fastest way to decode (a device-resident cache is the next step).
+its ONNX twin would. Buffers live in device memory allocated through cuda-python (no torch). The
+KV cache stays on the device: a step's present.* outputs are bound as the next step's past.*
+inputs, two buffers per tensor swapped in turn (ping-pong), so per step only the new embeddings go
+up and the logits come down. Not done: CUDA graphs (the decode shapes change every step, so a
+captured graph would need TensorRT's static-shape profiles per context length).
 
 Without engines, or without tensorrt, `open_tensorrt` returns an ONNX Runtime session over the
 artifact's Q/DQ ONNX graphs: the layout is the same, so the host checks parity on what the
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgemed.errors import BadInputError, MissingDependencyError
-from edgemed.formats.onnx.session import ConcatKV, OnnxSession
+from edgemed.formats.onnx.session import OnnxSession
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.artifact import Manifest
@@ -50,9 +52,13 @@ def tensorrt_available() -> str | None:
     return None
 
 
-def open_tensorrt(path: Path, manifest: "Manifest", backend: str = "auto", **kwargs):
+def open_tensorrt(path: Path, manifest: "Manifest", backend: str = "auto", device=None, **kwargs):
     """backend 'auto': engines if built here and tensorrt imports, else the Q/DQ ONNX on ONNX
-    Runtime; 'tensorrt' insists on engines; 'onnxruntime' always runs the Q/DQ ONNX."""
+    Runtime; 'tensorrt' insists on engines; 'onnxruntime' always runs the Q/DQ ONNX. A device
+    chosen by edgemed.runtime decides it: "cuda" the engines, "cpu" the Q/DQ ONNX on the CPU."""
+    if device is not None and backend == "auto":
+        backend = "tensorrt" if device.device == "cuda" else "onnxruntime"
+        kwargs["device"] = device
     engines = engines_built(path, manifest)
     if backend == "onnxruntime" or (backend == "auto" and (engines is None or tensorrt_available())):
         return QdqOnnxSession(path, manifest, engines_present=engines is not None, **kwargs)
@@ -122,6 +128,25 @@ class _DeviceBuffer:
             self.ptr, self.nbytes = 0, 0
 
 
+class DeviceTensor:
+    """A tensor in device memory: the buffer, its shape and dtype."""
+
+    def __init__(self, buffer: _DeviceBuffer, shape: tuple, dtype):
+        self.buffer, self.shape, self.dtype = buffer, tuple(int(d) for d in shape), np.dtype(dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class DeviceKV:
+    """The decoder's KV cache in device memory (the `concat` layout: past in, past+new out)."""
+
+    def __init__(self, tensors: dict[str, DeviceTensor]):
+        self.tensors = tensors
+        self.length = next(iter(tensors.values())).shape[2]
+
+
 class TrtEngineRunner:
     """One deserialized engine with `run(None, feeds) -> [outputs]`, ONNX Runtime's calling shape,
     so OnnxSession's encode_image and input_embeds work unchanged."""
@@ -147,12 +172,20 @@ class TrtEngineRunner:
             self.context.set_optimization_profile_async(idx, self.stream)
             self.profile = idx
 
-    def run(self, _output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, _output_names, feeds: dict[str, Any], on_device: frozenset[str] = frozenset()) -> list[Any]:
+        """Outputs for host feeds (numpy, copied up) and DeviceTensor feeds (bound where they lie).
+        Outputs named in `on_device` stay on the device: DeviceTensor over this runner's buffer,
+        which the caller takes (swap_buffer) before the next run writes it again."""
         cudart = self.cudart
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         keep = []
         for name in self.inputs:
-            arr = np.ascontiguousarray(feeds[name], dtype=self.dtypes[name])
+            feed = feeds[name]
+            if isinstance(feed, DeviceTensor):
+                self.context.set_input_shape(name, feed.shape)
+                self.context.set_tensor_address(name, feed.buffer.ensure(feed.nbytes))
+                continue
+            arr = np.ascontiguousarray(feed, dtype=self.dtypes[name])
             keep.append(arr)
             ptr = self.buffers[name].ensure(arr.nbytes)
             if arr.nbytes:
@@ -162,16 +195,24 @@ class TrtEngineRunner:
         outs = []
         for name in self.outputs:
             shape = tuple(self.context.get_tensor_shape(name))
-            out = np.empty(shape, self.dtypes[name])
-            self.context.set_tensor_address(name, self.buffers[name].ensure(out.nbytes))
+            if name in on_device:
+                out = DeviceTensor(self.buffers[name], shape, self.dtypes[name])
+                self.context.set_tensor_address(name, out.buffer.ensure(out.nbytes))
+            else:
+                out = np.empty(shape, self.dtypes[name])
+                self.context.set_tensor_address(name, self.buffers[name].ensure(out.nbytes))
             outs.append(out)
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         for name, out in zip(self.outputs, outs):
-            if out.nbytes:
+            if isinstance(out, np.ndarray) and out.nbytes:
                 cuda_check(cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name].ptr, out.nbytes, d2h, self.stream))
         cuda_check(cudart.cudaStreamSynchronize(self.stream))
         return outs
+
+    def swap_buffer(self, name: str, buffer: "_DeviceBuffer") -> None:
+        """Hand this runner `buffer` for output `name` (the one it wrote is now the caller's)."""
+        self.buffers[name] = buffer
 
     def close(self) -> None:
         for b in self.buffers.values():
@@ -184,11 +225,14 @@ class TrtSession(OnnxSession):
 
     backend = "tensorrt"
 
-    def __init__(self, path: Path, manifest: "Manifest", engines: dict[str, Path], **_ignored):
+    def __init__(self, path: Path, manifest: "Manifest", engines: dict[str, Path], device=None, **_ignored):
         import tensorrt as trt
         from tokenizers import Tokenizer
 
+        from edgemed.runtime.device import DeviceChoice
+
         self.path, self.manifest = path, manifest
+        self.device = device or DeviceChoice("auto", "cuda", "TensorRT engines run on the GPU they were built on")
         self.text = manifest.model.text
         self.image = manifest.model.image
         self.chat_template = manifest.model.chat_template
@@ -215,10 +259,19 @@ class TrtSession(OnnxSession):
         self.context_tokens = int(manifest.runtime["trt"]["max_context"])  # the engines' largest profile
         self.eos = set(self.text.get("eos_token_ids") or [])
 
-    def forward(self, embeds: np.ndarray, past: ConcatKV, ids: np.ndarray | None = None):
+    @property
+    def on_accelerator(self) -> bool:
+        return True
+
+    def empty_past(self, capacity: int = 0) -> DeviceKV:
+        shape = (1, self.text["num_kv_heads"], 0, self.text["head_dim"])
+        return DeviceKV({f"past_key_values.{i}.{kv}": DeviceTensor(_DeviceBuffer(self._cudart), shape, self._kv_dtype)
+                         for i in range(self.n_layers) for kv in ("key", "value")})
+
+    def forward(self, embeds: np.ndarray, past: DeviceKV, ids: np.ndarray | None = None):
         seq = embeds.shape[1]
         total = past.length + seq
-        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64), **past.arrays}
+        feeds = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64), **past.tensors}
         if self._has_position_ids:
             feeds["position_ids"] = np.arange(past.length, total, dtype=np.int64)[None]
         if self._has_token_type_ids:
@@ -227,9 +280,11 @@ class TrtSession(OnnxSession):
                 tti[0] = ids == self.image["image_token_id"]
             feeds["token_type_ids"] = tti
         self.decoder.select_profile("decode" if seq == 1 and past.length > 0 else "prefill")
-        outs = dict(zip(self.decoder.outputs, self.decoder.run(None, feeds)))
-        present = {name: outs[name.replace("past_key_values", "present")] for name in past.arrays}
-        return outs["logits"][0], ConcatKV(present)
+        names = {name: name.replace("past_key_values", "present") for name in past.tensors}
+        outs = dict(zip(self.decoder.outputs, self.decoder.run(None, feeds, on_device=frozenset(names.values()))))
+        for name, out_name in names.items():  # the old past's buffer takes the next step's present
+            self.decoder.swap_buffer(out_name, past.tensors[name].buffer)
+        return outs["logits"][0], DeviceKV({name: outs[out_name] for name, out_name in names.items()})
 
     def close(self) -> None:
         for r in (self.decoder, self.embed, self.vision):
