@@ -106,6 +106,52 @@ def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix != ".npz") / 1e6
 
 
+def torch_decode_times(model, ids, new_tokens: int) -> list[float]:
+    """Greedy decode of a transformers model with its KV cache: seconds since the first token, per token."""
+    import torch
+
+    times = []
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        times.append(0.0)
+        for _ in range(new_tokens - 1):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def genai_decode_times(og, model, prompt_ids, new_tokens: int) -> list[float]:
+    """Greedy decode by onnxruntime-genai's own generator loop: seconds since the first token, per token."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt_ids)
+    times, t0 = [], None
+    while not gen.is_done():
+        gen.generate_next_token()
+        now = time.perf_counter()
+        t0 = now if t0 is None else t0
+        times.append(now - t0)
+    return times
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The contenders' table: decode tok/s, x parent, KLD mean / p99, top-1, MB (errors in place)."""
+    lines = ["| contender | decode tok/s (median) | x parent | KLD mean | KLD p99 | top-1 | MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        kld = lambda k: f"{r[k]:.4g}" if k in r else "(parent)"  # noqa: E731
+        lines.append(f"| {r['name']} | {r['decode_tok_s']:.1f} | {r['speedup_vs_parent']:.2f} | {kld('kld_mean')} | "
+                     f"{kld('kld_p99')} | {kld('top1_agreement')} | {r['mb']:.0f} |")
+    return "\n".join(lines)
+
+
 # --- contenders --------------------------------------------------------------------------------
 
 def bench_parent(hf: Path, windows, runs: int, new_tokens: int) -> tuple[dict, list[np.ndarray]]:
@@ -118,20 +164,7 @@ def bench_parent(hf: Path, windows, runs: int, new_tokens: int) -> tuple[dict, l
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
 
-    def once():
-        times = []
-        with torch.no_grad():
-            out = model(ids, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t0 = time.perf_counter()
-            times.append(0.0)
-            for _ in range(new_tokens - 1):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                times.append(time.perf_counter() - t0)
-        return times
-
-    rate, rates = median_rate(once, runs)
+    rate, rates = median_rate(lambda: torch_decode_times(model, ids, new_tokens), runs)
     with torch.no_grad():
         logits = [model(torch.from_numpy(w)[None]).logits[0].float().numpy() for w in windows]
     size = sum(f.stat().st_size for f in hf.glob("*.safetensors")) / 1e6
@@ -186,20 +219,7 @@ def bench_genai_builder(hf: Path, work: Path, precision: str, windows, parent_lo
                                                                  add_generation_prompt=True)
     prompt_ids = tok.encode(text)
 
-    def once():
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt_ids) + new_tokens, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt_ids)
-        times, t0 = [], None
-        while not gen.is_done():
-            gen.generate_next_token()
-            now = time.perf_counter()
-            t0 = now if t0 is None else t0
-            times.append(now - t0)
-        return times
-
-    rate, rates = median_rate(once, runs)
+    rate, rates = median_rate(lambda: genai_decode_times(og, model, prompt_ids, new_tokens), runs)
     child = [_genai_window_logits(model, og, w) for w in windows]
     return {"name": f"onnxruntime-genai builder {precision} (C++ loop)", "decode_tok_s": rate, "runs": rates,
             "mb": dir_mb(out), **kld_stats(parent_logits, child)}
@@ -273,16 +293,7 @@ def main() -> None:
               "new_tokens": args.new_tokens, "kld_positions": sum(len(w) for w in windows),
               "host": {"cpu_count": os.cpu_count()}, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
-    lines = ["| contender | decode tok/s (median) | x parent | KLD mean | KLD p99 | top-1 | MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | error: {r['error'][:80]} | | | | | |")
-            continue
-        kld = lambda k: f"{r[k]:.4g}" if k in r else "(parent)"  # noqa: E731
-        lines.append(f"| {r['name']} | {r['decode_tok_s']:.1f} | {r['speedup_vs_parent']:.2f} | {kld('kld_mean')} | "
-                     f"{kld('kld_p99')} | {kld('top1_agreement')} | {r['mb']:.0f} |")
-    table = "\n".join(lines)
+    table = markdown_table(rows)
     (args.out / "results.md").write_text(f"# SmolLM2-135M on this host\n\n{table}\n")
     print(table)
 

@@ -524,3 +524,24 @@ def test_compare_script_parent_and_artifacts_in_one_run(tiny_dir, artifact, tmp_
         assert f"{rows[name]['decode_speedup_vs_parent']:.3g}" in line
     assert (out / "comparison.md").is_file() and (out / "pareto.png").is_file()
     assert (out / "parent" / "report.json").is_file()
+
+
+def test_cpu_frontier_goals_are_checked_from_the_rows(monkeypatch):
+    """bench/bench_cpu_frontier.py's verdict: an edgemed row meets a goal only at >= the llama.cpp
+    row's speed and <= the KLD it is held to."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    import bench_cpu_frontier as frontier
+
+    rows = [{"name": "llama.cpp's own Q4_0", "decode_tok_s": 100.0, "kld_mean": 0.27},
+            {"name": "llama.cpp's own Q4_K_M", "decode_tok_s": 70.0, "kld_mean": 0.06},
+            {"name": "llama.cpp's own Q8_0", "decode_tok_s": 80.0, "kld_mean": 0.0036},
+            {"name": "edgemed int4 (onnx)", "decode_tok_s": 110.0, "kld_mean": 0.05},
+            {"name": "edgemed int4-fast (onnx)", "decode_tok_s": 130.0, "kld_mean": 0.12},
+            {"name": "edgemed int8 (onnx)", "decode_tok_s": 120.0, "kld_mean": 0.0061},
+            {"name": "edgemed int8-mse (onnx)", "decode_tok_s": 79.0, "kld_mean": 0.0034},
+            {"name": "edgemed broken", "error": "ValueError: x"}]
+    g = frontier.goals(rows)
+    assert g["4bit"]["met_by"] == ["edgemed int4 (onnx)", "edgemed int8 (onnx)"]
+    assert g["8bit"]["met_by"] == []  # int8-mse is below Q8_0's speed here
+    rows[6]["decode_tok_s"] = 81.0
+    assert frontier.goals(rows)["8bit"]["met_by"] == ["edgemed int8-mse (onnx)"]

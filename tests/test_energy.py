@@ -2,6 +2,7 @@
 beyond two short sampler-thread checks)."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from edgemed.bench.energy import (
     NvmlMeter,
     RaplMeter,
     TegrastatsLog,
+    TegrastatsMeter,
     auto_meter,
     energy_summary,
     parse_tegrastats_line,
@@ -366,6 +368,33 @@ def test_tegrastats_log_agx_orin_real_line():
     assert AGX_ORIN_TOTAL_NOTE in r.notes
 
 
+def _fake_tegrastats(folder: Path) -> Path:
+    """A `tegrastats` stand-in: writes the Orin Nano fixture's lines to --logfile until killed (a
+    real subprocess, as the meter runs the real one)."""
+    exe = folder / "tegrastats"
+    exe.write_text("#!/bin/sh\n"
+                   "while [ $# -gt 0 ]; do [ \"$1\" = --logfile ] && log=$2; shift; done\n"
+                   f"cat {FIXTURES / 'orin_nano_jp6.log'} > \"$log\"\n"
+                   "exec sleep 60\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def test_tegrastats_meter_runs_tegrastats_for_the_window(tmp_path, monkeypatch):
+    meter = TegrastatsMeter(executable=str(tmp_path / "tegrastats"), power_mode="nvpmodel 15W")
+    assert "not a Jetson" in meter.unavailable_reason()
+    _fake_tegrastats(tmp_path)
+    assert meter.unavailable_reason() is None
+    with meter:
+        for _ in range(100):  # until the stand-in has written its log (no timing in the result)
+            if meter._log.stat().st_size:
+                break
+            time.sleep(0.05)
+    r = meter.reading
+    assert r.joules == pytest.approx(1.55) and r.total_rails == ("VDD_IN",) and r.method == "tegrastats"
+    assert meter._proc is None and not meter._log.exists()  # tegrastats stopped, log removed
+
+
 def test_tegrastats_log_bad_inputs(tmp_path):
     with pytest.raises(BadInputError):
         TegrastatsLog(FIXTURES / "orin_nano_jp6.log", interval_ms=0)
@@ -467,6 +496,9 @@ def test_auto_meter_null_with_reasons(tmp_path, monkeypatch):
 def test_auto_meter_order(tmp_path, monkeypatch, rapl):
     monkeypatch.setitem(sys.modules, "pynvml", None)
     assert isinstance(auto_meter(rapl_root=rapl, ina_root=tmp_path / "i2c", power_mode=None), RaplMeter)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    _fake_tegrastats(tmp_path)  # a Jetson whose INA3221 sysfs is not readable here: tegrastats before RAPL
+    assert isinstance(auto_meter(rapl_root=rapl, ina_root=tmp_path / "i2c", power_mode=None), TegrastatsMeter)
     make_hwmon(tmp_path / "i2c", "1-0040", "hwmon0", {1: ("VDD_IN", 5000, 200)})
     assert isinstance(auto_meter(rapl_root=rapl, ina_root=tmp_path / "i2c", power_mode=None), Ina3221Meter)
     got = auto_meter(rapl_root=rapl, ina_root=tmp_path / "i2c", nvml=FakeNvml([0, 1]), power_mode="x")

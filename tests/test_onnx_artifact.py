@@ -29,7 +29,7 @@ def test_fp32_export_matches_parent(artifact):
     assert p["top1_agreement"] == 1.0
 
 
-@pytest.mark.parametrize("recipe", ["int8", "int4", "int4-fast", "int4-gptq"])
+@pytest.mark.parametrize("recipe", ["int8", "int8-mse", "int4", "int4-fast", "int4-gptq"])
 def test_quantized_artifact_layout_and_manifest(artifact, recipe):
     out = artifact("llava-siglip", recipe)
     assert LAYOUT <= {p.relative_to(out).as_posix() for p in out.rglob("*")}
@@ -46,7 +46,7 @@ def test_quantized_artifact_layout_and_manifest(artifact, recipe):
     ins = [i.name for i in dec.graph.input]
     assert {"inputs_embeds", "attention_mask", "past_key_values.1.value"} <= set(ins)
     assert "present.1.value" in [o.name for o in dec.graph.output]
-    language = {"int8": {8}, "int4": {4, 8}}.get(recipe, {4})
+    language = {"int8": {8}, "int8-mse": {8}, "int4": {4, 8}}.get(recipe, {4})
     assert _bits_by_component(out / "onnx" / "decoder_model_merged.onnx") == {"language": language, "lm_head": {8}}
     if recipe == "int4":  # attention q/k/v and MLP down at int8 on a CPU target, the rest int4
         for n in dec.graph.node:
@@ -54,6 +54,11 @@ def test_quantized_artifact_layout_and_manifest(artifact, recipe):
                 bits = next(a.i for a in n.attribute if a.name == "bits")
                 assert (bits == 8) == any(p in n.name for p in ("q_proj", "k_proj", "v_proj", "down_proj")), n.name
         assert "GatherBlockQuantized" in _ops(out / "onnx" / "embed_tokens.onnx")  # int8 embedding table
+    if recipe == "int8-mse":  # edgemed's own int8 blocks: symmetric (no zero points), block 32
+        nbits = [n for n in dec.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and all(len(n.input) == 3 and n.name.endswith("_Q8") for n in nbits)
+        assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {32}
+        assert m.recipe["steps"][1]["args"]["int8"]["algorithm"] == "mse"
     # The vision tower and projector stay >= 8 bit in every shipped recipe.
     assert _bits_by_component(out / "onnx" / "vision_encoder.onnx") == {"vision": {8}, "projector": {8}}
     assert m.parity["kld_mean"] < 0.05

@@ -33,7 +33,7 @@ from edgemed.bench.energy.jetson_rails import (
 )
 from edgemed.bench.energy.nvml import NvmlMeter
 from edgemed.bench.energy.rapl import RAPL_PERMISSION_REASON, RaplMeter
-from edgemed.bench.energy.tegrastats import TegrastatsLog, parse_tegrastats_line
+from edgemed.bench.energy.tegrastats import TegrastatsLog, TegrastatsMeter, parse_tegrastats_line
 from edgemed.host import PowerMode, read_power_mode
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "TegrastatsLog",
     "PowerMode",
     "parse_tegrastats_line",
+    "TegrastatsMeter",
     "resolve_total_rails",
     "read_power_mode",
     "auto_meter",
@@ -63,7 +64,8 @@ __all__ = [
 def auto_meter(*, clock: Clock = time.monotonic, rapl_root: str | os.PathLike = "/sys/class/powercap",
                ina_root: str | os.PathLike = "/sys/bus/i2c/drivers", nvml=None,
                power_mode: str | None | bool = True) -> EnergyMeter:
-    """The best counter this host has: NVML GPU, then Jetson INA3221, then RAPL, else a NullMeter.
+    """The best counter this host has: NVML GPU, then Jetson INA3221, then tegrastats (a Jetson
+    whose rails are not readable from sysfs), then RAPL, else a NullMeter.
 
     The NullMeter's reason lists why each counter was ruled out. ``power_mode=True`` reads it
     with :func:`read_power_mode` (None off-Jetson); pass a string or None to set it.
@@ -74,6 +76,7 @@ def auto_meter(*, clock: Clock = time.monotonic, rapl_root: str | os.PathLike = 
     candidates: list[EnergyMeter] = [
         NvmlMeter(nvml=nvml, clock=clock, power_mode=power_mode),
         Ina3221Meter(ina_root, clock=clock, power_mode=power_mode),
+        TegrastatsMeter(clock=clock, power_mode=power_mode),
         RaplMeter(rapl_root, clock=clock, power_mode=power_mode),
     ]
     reasons = []

@@ -1,16 +1,22 @@
-"""Jetson energy and clocks from a ``tegrastats`` log captured around a run."""
+"""Jetson energy and clocks from ``tegrastats``: a log captured around a run (TegrastatsLog), or
+tegrastats run by the meter itself for the window (TegrastatsMeter, the fallback where the INA3221
+sysfs rails cannot be read, e.g. in a container without /sys/bus/i2c)."""
 from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
+import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from edgemed.bench.energy.base import EnergyReading, trapezoid_joules
+from edgemed.bench.energy.base import Clock, EnergyMeter, EnergyReading, trapezoid_joules
 from edgemed.bench.energy.jetson_rails import CARRIER_NOTE, resolve_total_rails
 from edgemed.errors import BadInputError
 
-__all__ = ["TegrastatsLog", "parse_tegrastats_line"]
+__all__ = ["TegrastatsLog", "TegrastatsMeter", "parse_tegrastats_line"]
 
 _TS_DATE = re.compile(r"^(\d{2}-\d{2}-\d{4} \d{2}:\d{2}:\d{2})\s+")
 _TS_RAM = re.compile(r"\bRAM (\d+)/(\d+)MB")
@@ -131,3 +137,50 @@ class TegrastatsLog:
         notes = [f"total = {' + '.join(totals)}", *notes, CARRIER_NOTE]
         return EnergyReading(sum(rails[r] for r in totals), self.method, None, rails, duration,
                              power_mode, tuple(totals), (), tuple(notes))
+
+
+class TegrastatsMeter(EnergyMeter):
+    """Runs ``tegrastats --interval N --logfile F`` for the measured window and integrates the
+    log as TegrastatsLog does (each line's instantaneous rail power, N ms apart)."""
+
+    method = "tegrastats"
+
+    def __init__(self, *, interval_ms: int = 100, total_rails: Sequence[str] | None = None,
+                 executable: str = "tegrastats", clock: Clock = time.monotonic, power_mode: str | None = None):
+        super().__init__(clock=clock, power_mode=power_mode)
+        self.interval_ms, self.total_rails, self.executable = int(interval_ms), total_rails, executable
+        self._proc: subprocess.Popen | None = None
+        self._log: Path | None = None
+
+    def unavailable_reason(self) -> str | None:
+        if shutil.which(self.executable) is None:
+            return f"no {self.executable} on PATH (not a Jetson)"
+        return None
+
+    def _begin(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="edgemed-tegrastats-", suffix=".log")
+        os.close(fd)
+        self._log = Path(name)
+        self._proc = subprocess.Popen([self.executable, "--interval", str(self.interval_ms), "--logfile", name],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _stop_process(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+            self._proc = None
+
+    def _end(self, duration_s: float) -> EnergyReading:
+        self._stop_process()
+        try:
+            log = TegrastatsLog(self._log.read_text().splitlines(), self.interval_ms, total_rails=self.total_rails)
+            return log.reading(self.power_mode)
+        finally:
+            self._log.unlink(missing_ok=True)
+
+    def _end_unavailable(self) -> None:
+        self._stop_process()

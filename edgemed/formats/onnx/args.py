@@ -63,6 +63,10 @@ class Int8Args(StepArgs):
     # quantize_dynamic (per-channel weights, one activation scale per tensor), which an
     # outlier-heavy LLM punishes (SmolLM2-135M: KLD 1.27 vs the parent, measured here).
     method: Literal["nbits", "dynamic"] = "nbits"
+    # nbits grids: rtn (ONNX Runtime's quantizer: each block's absmax) or mse (edgemed's symmetric
+    # int8 blocks, scale searched for the least squared error weighted by each input channel's mean
+    # square on calibration data, then refitted by least squares: grids.mse_quantize_int8).
+    algorithm: Literal["rtn", "mse"] = "rtn"
     block_size: BlockSize = 32
     symmetric: bool = True
     accuracy_level: int = Field(4, ge=0, le=4)

@@ -56,12 +56,22 @@ def quantize_graph(path: Path, policy, args: "OnnxQuantizeArgs", calibration_fee
                 and any(p in n for p in args.int4.int8_projections)]
         by_prec["int4"] = [n for n in by_prec["int4"] if n not in set(keep)]
         by_prec.setdefault("int8", []).extend(keep)
+    cached: list = []
+
+    def feeds():  # computed once for whichever calibrated quantizers run on this graph
+        if calibration_feeds is None:
+            return None
+        if not cached:
+            cached.append(calibration_feeds())
+        return cached[0]
+
     if by_prec.get("int4"):
         algorithm = INT4_ALGORITHMS.get(args.int4.algorithm, "onnx-quantize int4.algorithm")
-        feeds = calibration_feeds() if algorithm.calibrated and calibration_feeds is not None else None
-        model = algorithm.quantize(model, by_prec["int4"], block4, args.int4, feeds)
+        model = algorithm.quantize(model, by_prec["int4"], block4, args.int4, feeds() if algorithm.calibrated else None)
     if by_prec.get("int8"):
-        if args.int8.method == "nbits":
+        if args.int8.method == "nbits" and args.int8.algorithm == "mse":
+            model = int8_mse(model, by_prec["int8"], args.int8.block_size, args.int8.accuracy_level, feeds())
+        elif args.int8.method == "nbits":
             model = ort_nbits(model, by_prec["int8"], 8, args.int8.block_size, args.int8.symmetric,
                            args.int8.accuracy_level, "rtn")
         else:
@@ -108,6 +118,33 @@ def retag_and_check(model, comps: dict[str, str], by_prec: dict[str, list[str]],
 
         raise EdgemedError(f"{graph}: the quantizer did not follow the component policy for {len(wrong)} "
                            f"node(s), e.g. {'; '.join(wrong[:3])}")
+
+
+def int8_mse(model, nodes: list[str], block_size: int, accuracy_level: int, feeds: list[dict] | None):
+    """Each MatMul in `nodes` -> MatMulNBits bits 8 on grids.mse_quantize_int8's blocks (importance
+    from the calibration feeds where given); a MatMul whose K has no block falls back to rtn."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from edgemed.formats.onnx.graph import inputs_of
+    from edgemed.formats.onnx.int4 import finish_int4_rewrite, rewrite_matmuls
+    from edgemed.formats.onnx.int4.grids import mean_squares, mse_quantize_int8
+
+    importance = mean_squares(model, inputs_of(model, nodes), feeds) if feeds else {}
+
+    def rewrite(node, w, b):
+        k, n = w.shape
+        q, scales = mse_quantize_int8(w, b, importance.get(node.input[0]))
+        name = node.name
+        node_out = helper.make_node("MatMulNBits", [node.input[0], f"{name}.q8", f"{name}.scales"], list(node.output),
+                                    name=f"{name}_Q8", domain="com.microsoft", K=k, N=n, bits=8, block_size=b,
+                                    accuracy_level=accuracy_level)
+        return node_out, [numpy_helper.from_array(q.T.reshape(n, k // b, b).copy(), f"{name}.q8"),
+                          numpy_helper.from_array(scales.T.astype(np.float32).reshape(-1), f"{name}.scales")]
+
+    new_nodes, new_inits, fallback = rewrite_matmuls(model, nodes, block_size, rewrite)
+    return finish_int4_rewrite(model, new_nodes, new_inits, fallback, block_size, accuracy_level, "int8 mse",
+                               bits=8, symmetric=True)
 
 
 def gather_int8(model, comps: dict[str, str], block_size: int) -> None:

@@ -78,7 +78,8 @@ class OnnxQuantize(Step):
                 continue
             ctx.progress(f"quantize {graph}")
             feeds = None
-            if graph == "decoder_model_merged.onnx" and INT4_ALGORITHMS.get(self.args.int4.algorithm).calibrated:
+            calibrated = INT4_ALGORITHMS.get(self.args.int4.algorithm).calibrated or self.args.int8.algorithm == "mse"
+            if graph == "decoder_model_merged.onnx" and calibrated:
                 from edgemed.calibration.feeds import decoder_feeds
 
                 feeds = lambda: decoder_feeds(ctx.cm, ctx.recipe.calibration, self.args.int4.calibration_samples)  # noqa: E731

@@ -127,6 +127,12 @@ class _DeviceBuffer:
             self.cudart.cudaFree(self.ptr)
             self.ptr, self.nbytes = 0, 0
 
+    def __del__(self):  # a finished generation's KV buffers are dropped, not closed: free them here
+        try:
+            self.free()
+        except Exception:  # noqa: BLE001  interpreter shutdown
+            pass
+
 
 class DeviceTensor:
     """A tensor in device memory: the buffer, its shape and dtype."""

@@ -69,28 +69,40 @@ def ort_nbits(model, nodes: list[str], bits: int, block_size: int, symmetric: bo
 def asym_int4(model, nodes: list[str], block_size: int, accuracy_level: int, algorithm: str, quantize):
     """Replace each MatMul in `nodes` by an asymmetric int4 MatMulNBits whose grid comes from
     quantize(weight [K, N], input tensor name, block) -> (q, scales, zero points)."""
-    from onnx import numpy_helper
-
     from edgemed.formats.onnx.int4.grids import matmulnbits_initializers
+
+    def rewrite(node, w, b):
+        k, n = w.shape
+        q, scales, zps = quantize(w, node.input[0], b)
+        return asym_nbits_node(node, k, n, b, accuracy_level), matmulnbits_initializers(node.name, q, scales, zps, b)
+
+    new_nodes, new_inits, rtn_fallback = rewrite_matmuls(model, nodes, block_size, rewrite)
+    return finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, algorithm)
+
+
+def rewrite_matmuls(model, nodes: list[str], block_size: int, rewrite):
+    """The graph's node list with each MatMul in `nodes` replaced by rewrite(node, weight [K, N],
+    block) -> (new node, its initializers); returns (nodes, initializers, the MatMuls whose K is not
+    a multiple of the fitted block, left in place for rtn)."""
+    from onnx import numpy_helper
 
     wanted = set(nodes)
     inits = {t.name: t for t in model.graph.initializer}
-    new_nodes, new_inits, rtn_fallback = [], [], []
+    new_nodes, new_inits, fallback = [], [], []
     for node in model.graph.node:
         if node.name not in wanted:
             new_nodes.append(node)
             continue
         w = numpy_helper.to_array(inits[node.input[1]])
-        k, n = w.shape
-        b = fit_block(k, block_size)
-        if k % b:
-            rtn_fallback.append(node.name)
+        b = fit_block(w.shape[0], block_size)
+        if w.shape[0] % b:
+            fallback.append(node.name)
             new_nodes.append(node)
             continue
-        q, scales, zps = quantize(w, node.input[0], b)
-        new_inits += matmulnbits_initializers(node.name, q, scales, zps, b)
-        new_nodes.append(asym_nbits_node(node, k, n, b, accuracy_level))
-    return finish_int4_rewrite(model, new_nodes, new_inits, rtn_fallback, block_size, accuracy_level, algorithm)
+        node_out, node_inits = rewrite(node, w, b)
+        new_nodes.append(node_out)
+        new_inits += node_inits
+    return new_nodes, new_inits, fallback
 
 
 def asym_nbits_node(node, k: int, n: int, block: int, accuracy_level: int):
@@ -104,9 +116,9 @@ def asym_nbits_node(node, k: int, n: int, block: int, accuracy_level: int):
 
 
 def finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], block_size: int,
-                        accuracy_level: int, algorithm: str):
-    """Install a rewritten node list (fmin, mse, gptq) and send MatMuls whose K is not a multiple of
-    the block to ONNX Runtime's rtn instead (logged: never silently)."""
+                        accuracy_level: int, algorithm: str, bits: int = 4, symmetric: bool = False):
+    """Install a rewritten node list (fmin, mse, gptq; int8 mse with bits=8) and send MatMuls whose
+    K is not a multiple of the block to ONNX Runtime's rtn instead (logged: never silently)."""
     from onnx import helper
 
     replace_nodes(model, nodes, initializers)
@@ -115,5 +127,5 @@ def finish_int4_rewrite(model, nodes, initializers, rtn_fallback: list[str], blo
     if rtn_fallback:
         log.warning("%s: K not a multiple of %d for %d MatMul(s); they use rtn", algorithm, block_size,
                     len(rtn_fallback))
-        model = ort_nbits(model, rtn_fallback, 4, block_size, False, accuracy_level, "rtn")
+        model = ort_nbits(model, rtn_fallback, bits, block_size, symmetric, accuracy_level, "rtn")
     return model

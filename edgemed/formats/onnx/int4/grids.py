@@ -84,6 +84,16 @@ MSE_SCALE_FACTORS = np.linspace(0.8, 1.2, 41)
 MSE_ZERO_SHIFTS = (0.0, -0.25, 0.25, -0.5, 0.5, -0.75, 0.75)
 
 
+def _blocked(w: np.ndarray, block: int, importance: np.ndarray | None):
+    """(w as fp32, K, N, blocks along K, per-block importance [K/block, block], ones where None)."""
+    w = np.asarray(w, np.float32)
+    k, n = w.shape
+    nb = k // block
+    imp = np.ones((nb, block), np.float32) if importance is None else \
+        np.asarray(importance, np.float32).reshape(nb, block)
+    return w, k, n, nb, imp
+
+
 def mse_quantize(w: np.ndarray, block: int, importance: np.ndarray | None = None, chunk: int = 1024):
     """w [K, N] -> (q [K, N] uint8 in 0..15, scales [K/block, N], zero points [K/block, N]) on the
     asymmetric MatMulNBits grid, each block's grid chosen to minimise the squared error of its
@@ -97,11 +107,7 @@ def mse_quantize(w: np.ndarray, block: int, importance: np.ndarray | None = None
     importance-weighted) at the same speed: the same kernel reads the same bytes. The search costs
     41 x 7 rounding passes over the weights (about a minute for a 135M model on 2 cores).
     """
-    w = np.asarray(w, np.float32)
-    k, n = w.shape
-    nb = k // block
-    imp = np.ones((nb, block), np.float32) if importance is None else \
-        np.asarray(importance, np.float32).reshape(nb, block)
+    w, k, n, nb, imp = _blocked(w, block, importance)
     q_out = np.zeros((k, n), np.uint8)
     s_out, z_out = np.zeros((nb, n), np.float32), np.zeros((nb, n), np.float32)
     for c0 in range(0, n, chunk):
@@ -130,6 +136,41 @@ def mse_quantize(w: np.ndarray, block: int, importance: np.ndarray | None = None
         q_out[:, c0:c0 + chunk] = q.reshape(-1, k).T
         s_out[:, c0:c0 + chunk], z_out[:, c0:c0 + chunk] = s.T, best_z.T
     return q_out, s_out, z_out
+
+
+# Scale candidates for int8 blocks, as fractions of absmax / 127 (rtn's scale is 1.0).
+MSE8_SCALE_FACTORS = np.linspace(0.80, 1.0, 21)
+
+
+def mse_quantize_int8(w: np.ndarray, block: int, importance: np.ndarray | None = None, chunk: int = 1024):
+    """w [K, N] -> (q [K, N] uint8 = code + 128, scales [K/block, N]): symmetric int8 blocks for
+    MatMulNBits bits 8 (no zero points: its default is 128), each block's scale chosen among
+    MSE8_SCALE_FACTORS x absmax/127 for the least squared error (clipping the largest weight a
+    little often rounds the rest better), weighted by `importance` [K] where given, then refitted by
+    least squares to the codes it chose. llama.cpp's Q8_0 takes absmax/127."""
+    w, k, n, nb, imp = _blocked(w, block, importance)
+    q_out = np.zeros((k, n), np.uint8)
+    s_out = np.zeros((nb, n), np.float32)
+    for c0 in range(0, n, chunk):
+        b = w[:, c0:c0 + chunk].T.reshape(-1, nb, block)  # [n, nb, block]
+        base = np.maximum(np.abs(b).max(-1), 1e-12) / 127
+        best_e = best_s = None
+        for f in MSE8_SCALE_FACTORS:
+            s = base * f
+            q = np.clip(np.rint(b / s[..., None]), -128, 127)
+            e = (imp * (s[..., None] * q - b) ** 2).sum(-1)
+            if best_e is None:
+                best_e, best_s = e, s
+            else:
+                better = e < best_e
+                best_e, best_s = np.where(better, e, best_e), np.where(better, s, best_s)
+        q = np.clip(np.rint(b / best_s[..., None]), -128, 127)
+        num, den = (imp * b * q).sum(-1), (imp * q * q).sum(-1)
+        ok = (den > 0) & (num > 0)
+        s = np.where(ok, num / np.where(ok, den, 1), best_s)
+        q_out[:, c0:c0 + chunk] = (q + 128).astype(np.uint8).reshape(-1, k).T
+        s_out[:, c0:c0 + chunk] = s.T
+    return q_out, s_out
 
 
 def matmulnbits_initializers(name: str, q: np.ndarray, scales: np.ndarray, zps: np.ndarray, block: int):
