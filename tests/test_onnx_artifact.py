@@ -59,6 +59,8 @@ def test_quantized_artifact_layout_and_manifest(artifact, recipe):
         assert nbits and all(len(n.input) == 3 and n.name.endswith("_Q8") for n in nbits)
         assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nbits} == {32}
         assert m.recipe["steps"][1]["args"]["int8"]["algorithm"] == "mse"
+    if recipe != "int8":  # calibrated grids (mse, gptq): the set they used is in the manifest
+        assert m.calibration["count"] > 0 and m.calibration["used_by"].startswith("onnx-quantize")
     # The vision tower and projector stay >= 8 bit in every shipped recipe.
     assert _bits_by_component(out / "onnx" / "vision_encoder.onnx") == {"vision": {8}, "projector": {8}}
     assert m.parity["kld_mean"] < 0.05

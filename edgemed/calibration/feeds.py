@@ -7,9 +7,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgemed.models import CompositeModel
 
 
-def decoder_feeds(cm: "CompositeModel", source: str | None, count: int) -> list[dict]:
+def decoder_feeds(cm: "CompositeModel", source: str | None, count: int, record: dict | None = None) -> list[dict]:
     """Prefill feeds for the decoder graph from the calibration set `source` (a recipe's `calibration`): each prompt (with its
-    image where the model has a vision tower) embedded by the PyTorch model, an empty past."""
+    image where the model has a vision tower) embedded by the PyTorch model, an empty past. `record`, if given,
+    receives the set's record (the manifest's `calibration` field)."""
     import numpy as np
     import torch
 
@@ -17,6 +18,8 @@ def decoder_feeds(cm: "CompositeModel", source: str | None, count: int) -> list[
     from edgemed.runtime.preprocess import image_grid, preprocess
 
     calib = calibration_set(cm, source, "multimodal" if cm.multimodal else "text", count)
+    if record is not None:
+        record.update(calib.record())
     embed = cm.adapter.embed_tokens(cm.model)
     t = cm.text
     feeds = []

@@ -82,7 +82,13 @@ class OnnxQuantize(Step):
             if graph == "decoder_model_merged.onnx" and calibrated:
                 from edgemed.calibration.feeds import decoder_feeds
 
-                feeds = lambda: decoder_feeds(ctx.cm, ctx.recipe.calibration, self.args.int4.calibration_samples)  # noqa: E731
+                def decoder_calibration():  # the calibrated quantizers' passes, recorded in the manifest
+                    rec: dict = {}
+                    out = decoder_feeds(ctx.cm, ctx.recipe.calibration, self.args.int4.calibration_samples, rec)
+                    ctx.calibration = ctx.calibration or {**rec, "used_by": "onnx-quantize (int4/int8 mse and gptq grids)"}
+                    return out
+
+                feeds = decoder_calibration
             precisions = quantize_graph(path, policy, self.args, feeds, activations)
             ctx.describe(graph, component=graph_component(graph), fmt="onnx",
                          precision="+".join(sorted(set(precisions.values()))) or "fp32")
