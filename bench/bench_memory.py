@@ -4,6 +4,7 @@
     python bench/bench_memory.py [--shapes tinyllama-11 tinyllama-22 mistral-7b]
                                  [--recipes int4 q4_k_m prune-width-25+q8_0]
                                  [--work /tmp/edgemed-memory] [--out bench/results/memory]
+                                 [--low-memory]
 
 Shapes (random weights, stored in bfloat16 as real checkpoints ship; written with
 edgemed.models.replica from the real Mistral-7B-Instruct-v0.2 files in tests/fixtures, so the
@@ -20,6 +21,7 @@ refused. Each accepted pair runs `python -m edgemed compress` in a child process
 samples the RSS of the child's whole process tree every 50 ms (psutil); recorded: peak RSS, wall
 time, exit code, the plan's predicted peak (predicted / measured is how the planner is kept
 honest) and the artifact's parity against its parent (KLD mean, top-1) from its manifest.
+`--low-memory` plans and runs `compress --low-memory` (the weights stay on disk; GGUF recipes).
 
 Writes results.json and results.md to --out.
 """
@@ -74,19 +76,69 @@ def build_checkpoint(name: str, folder: Path) -> Path:
         sizes = {k: read_fixture(FIXTURE)["config"][k] for k in
                  ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
     t0 = time.perf_counter()
-    build_replica(FIXTURE, folder, seed=0, sizes=sizes, dtype="bfloat16")
+    if name == "mistral-7b":  # in fp32 it would not fit this machine: write it shard by shard
+        write_config_only(name, folder)
+        write_streamed_checkpoint(folder, seed=0)
+    else:
+        build_replica(FIXTURE, folder, seed=0, sizes=sizes, dtype="bfloat16")
     print(f"wrote {name} in {time.perf_counter() - t0:.0f} s", flush=True)
     return folder
 
 
-def plan_host(folder: Path, recipes: list[str]) -> dict:
+def write_streamed_checkpoint(folder: Path, seed: int = 0, shard_bytes: int = 2_000_000_000) -> None:
+    """Random bf16 safetensors shards (+ index) for folder/config.json without building the model:
+    each tensor is drawn on its own (2-D: normal(0, initializer_range), as the model's own init;
+    1-D norms: ones) and a shard is written when it reaches shard_bytes, so memory is one shard."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    std = getattr(config, "initializer_range", 0.02)
+    gen = torch.Generator().manual_seed(seed)
+    shards, current, size, weight_map = [], {}, 0, {}
+    params = list(model.state_dict().items())
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"model-{len(shards) + 1:05d}.safetensors"
+            save_file(current, str(folder / name), metadata={"format": "pt"})
+            shards.append(name)
+            weight_map.update(dict.fromkeys(current, name))
+            current, size = {}, 0
+
+    for key, p in params:
+        if p.dim() >= 2:
+            t = torch.empty(p.shape, dtype=torch.float32).normal_(0, std, generator=gen).to(torch.bfloat16)
+        else:
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        current[key] = t
+        size += t.numel() * 2
+        if size >= shard_bytes:
+            flush()
+    flush()
+    n = len(shards)
+    for i, name in enumerate(shards):  # the hub's naming: model-0000i-of-0000n.safetensors
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        (folder / name).rename(folder / final)
+        weight_map = {k: (final if v == name else v) for k, v in weight_map.items()}
+    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def plan_host(folder: Path, recipes: list[str], low_memory: bool = False) -> dict:
     from edgemed.errors import EdgemedError
     from edgemed.pipeline import resolve
     from edgemed.plan import plan
 
     recipe, target = resolve(recipes, None)
     try:
-        p = plan(str(folder), recipe, target)
+        p = plan(str(folder), recipe, target, low_memory=low_memory)
     except EdgemedError as e:
         return {"feasible": False, "reasons": [str(e)]}
     host = p.host
@@ -95,13 +147,15 @@ def plan_host(folder: Path, recipes: list[str]) -> dict:
             "host_memory_gb": round(host.memory_bytes / GB, 2), "plan_feasible": p.feasible}
 
 
-def run_compress(folder: Path, recipes: list[str], out: Path) -> dict:
+def run_compress(folder: Path, recipes: list[str], out: Path, low_memory: bool = False) -> dict:
     """`python -m edgemed compress` in a child process; peak RSS of its process tree (50 ms samples)."""
     import psutil
 
     cmd = [sys.executable, "-m", "edgemed", "compress", str(folder), "--output", str(out), "--overwrite"]
     for r in recipes:
         cmd += ["--recipe", r]
+    if low_memory:
+        cmd.append("--low-memory")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
@@ -136,8 +190,8 @@ def to_markdown(rows: list[dict], commands: list[str]) -> str:
              f"Python {platform.python_version()}. Commands, in order:", "",
              *[f"    {c}" for c in commands], "",
              "A row that did not run says why: the plan refused it on this host (its reason), or `--plan-only`.", "",
-             "| shape | recipe | plan: host peak (GB) | measured peak RSS (GB) | plan / measured | wall (s) | "
-             "KLD mean | top-1 | exit | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | recipe | weights | plan: host peak (GB) | measured peak RSS (GB) | plan / measured | wall (s) | "
+             "KLD mean | top-1 | exit | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pred, meas = r.get("predicted_peak_gb"), r.get("peak_rss_gb")
         ratio = f"{pred / meas:.2f}" if pred and meas else ""
@@ -146,18 +200,32 @@ def to_markdown(rows: list[dict], commands: list[str]) -> str:
         else:
             note = "; ".join(r.get("reasons") or []) or "plan only"
         kld = r.get("kld_mean")
-        lines.append(f"| {r['shape']} | {r['recipe']} | {pred if pred is not None else ''} | {meas or ''} | {ratio} | "
+        lines.append(f"| {r['shape']} | {r['recipe']} | {_mode(r)} | {pred if pred is not None else ''} | {meas or ''} | {ratio} | "
                      f"{r.get('wall_s', '')} | {f'{kld:.4f}' if kld is not None else ''} | "
                      f"{r.get('top1_agreement') if r.get('top1_agreement') is not None else ''} | "
                      f"{r.get('exit_code', 'refused' if r.get('reasons') else '-')} | {note[:200]} |")
-    by = {(r["shape"], r["recipe"]): r.get("peak_rss_gb") for r in rows if r.get("ran")}
-    flat = [(recipe, by[("tinyllama-22", recipe)] / by[("tinyllama-11", recipe)])
-            for (shape, recipe) in by if shape == "tinyllama-11" and by.get(("tinyllama-22", recipe))]
+    by = {(r["shape"], r["recipe"], _mode(r)): r for r in rows if r.get("ran") and r.get("peak_rss_gb")}
+    flat = []
+    for (shape, recipe, mode), r11 in by.items():
+        r22 = by.get(("tinyllama-22", recipe, mode))
+        if shape != "tinyllama-11" or r22 is None:
+            continue
+        less = ""
+        if r11.get("artifact_mb") and r22.get("artifact_mb"):  # parity holds the artifact itself in memory
+            a11, a22 = r11["artifact_mb"] / 1e3, r22["artifact_mb"] / 1e3
+            less = (f" (less the artifact, which parity runs: {(r22['peak_rss_gb'] - a22) / (r11['peak_rss_gb'] - a11):.2f};"
+                    f" the artifact grows {a22 / a11:.2f}x)")
+        flat.append((f"{recipe} ({mode})", r22["peak_rss_gb"] / r11["peak_rss_gb"], less))
     if flat:
         lines += ["", "Peak RSS at 22 layers over 11 layers (the goal is <= 1.15, flat in depth): "
-                  + ", ".join(f"{recipe} {ratio:.2f}" for recipe, ratio in flat)
-                  + ". compress holds the whole parent in fp32, so its peak grows with the model."]
+                  + ", ".join(f"{recipe} {ratio:.2f}{less}" for recipe, ratio, less in flat)
+                  + ". In memory, compress holds the whole parent in fp32, so its peak grows with the model; "
+                    "with --low-memory the weights stay on disk and are read one tensor at a time."]
     return "\n".join(lines) + "\n"
+
+
+def _mode(row: dict) -> str:
+    return "on disk (--low-memory)" if row.get("low_memory") else "in memory (fp32)"
 
 
 def main() -> int:
@@ -171,6 +239,7 @@ def main() -> int:
     ap.add_argument("--replan", action="store_true",
                     help="recompute every row's prediction in --out's results.json with the planner as it is now "
                          "(measurements kept; the prediction made at run time stays as predicted_at_run_gb)")
+    ap.add_argument("--low-memory", action="store_true", help="plan and run compress --low-memory")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/bench_memory.py " + " ".join(sys.argv[1:])
@@ -181,7 +250,7 @@ def main() -> int:
     if args.replan:
         for row in rows:
             folder = write_config_only(row["shape"], args.work / f"{row['shape']}-config")
-            p = plan_host(folder, row["recipe"].split("+"))
+            p = plan_host(folder, row["recipe"].split("+"), bool(row.get("low_memory")))
             row.setdefault("predicted_at_run_gb", row.get("predicted_peak_gb"))
             row["predicted_peak_gb"] = p.get("predicted_peak_gb")
             if not row.get("ran") and row.get("reasons"):
@@ -193,14 +262,15 @@ def main() -> int:
     for shape in args.shapes:
         folder = args.work / shape
         write_config_only(shape, folder)
-        plans = {r: plan_host(folder, r.split("+")) for r in args.recipes}
+        plans = {r: plan_host(folder, r.split("+"), args.low_memory) for r in args.recipes}
         if any(p["feasible"] for p in plans.values()) and not args.plan_only:
             build_checkpoint(shape, folder)
         for recipe, p in plans.items():
-            row = {"shape": shape, "recipe": recipe, **p, "ran": False}
+            row = {"shape": shape, "recipe": recipe, **p, "ran": False, "low_memory": args.low_memory}
             if p["feasible"] and not args.plan_only:
                 print(f"compress {shape} {recipe} (plan: {p['predicted_peak_gb']} GB) ...", flush=True)
-                row.update(run_compress(folder, recipe.split("+"), args.work / f"{shape}-{recipe}"), ran=True)
+                out = args.work / f"{shape}-{recipe}{'-low' if args.low_memory else ''}"
+                row.update(run_compress(folder, recipe.split("+"), out, args.low_memory), ran=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "results.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=2))

@@ -48,6 +48,9 @@ def compress(
     vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="Folder of the CLIP tower that a LLaVA-Med-style checkpoint names in mm_vision_tower."),
     host_memory_gb: Optional[float] = typer.Option(
         None, "--host-memory-gb", help="RAM the plan checks compress against (default: this machine's available memory)."),
+    low_memory: bool = typer.Option(
+        False, "--low-memory", help="Leave the weights on disk and read one tensor at a time (GGUF recipes): "
+                                    "memory of the largest tensor instead of the whole model in fp32."),
 ):
     """Compress MODEL with the recipe(s) for the target into an artifact folder with manifest.json."""
     from edgemed.pipeline import compress as run
@@ -56,7 +59,7 @@ def compress(
         task = prog.add_task("start", total=None)
         result = run(model, recipe or None, target, output, overwrite=overwrite, allow_pickle=allow_pickle,
                      trust_remote_code=trust_remote_code, progress=lambda m: prog.update(task, description=m),
-                     vision_tower=vision_tower, host_memory_gb=host_memory_gb)
+                     vision_tower=vision_tower, host_memory_gb=host_memory_gb, low_memory=low_memory)
         prog.update(task, description="done")
     _print_artifact(result.manifest, result.output)
 
@@ -107,6 +110,7 @@ def plan(
     vision_tower: Optional[str] = typer.Option(None, "--vision-tower", help="Folder of the CLIP tower that a LLaVA-Med-style checkpoint names in mm_vision_tower."),
     host_memory_gb: Optional[float] = typer.Option(
         None, "--host-memory-gb", help="RAM of the machine that will run compress (default: this machine's available memory)."),
+    low_memory: bool = typer.Option(False, "--low-memory", help="Plan compress --low-memory (weights left on disk)."),
 ):
     """Check recipe x target x model before any heavy work: sizes, memory, decode ceiling, and the
     RAM and disk that compress needs on the host."""
@@ -116,7 +120,7 @@ def plan(
 
     r, tgt = resolve(recipe or None, target)
     p = make_plan(resolve_model(model), r, tgt, context_tokens=context, vision_tower=vision_tower,
-                  host_memory_gb=host_memory_gb)
+                  host_memory_gb=host_memory_gb, low_memory=low_memory)
     if json_out:
         console.print_json(json.dumps(p.to_dict()))
     else:

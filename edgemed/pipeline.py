@@ -95,6 +95,26 @@ def _save_tokenizer(cm: CompositeModel, out: Path) -> None:
         cm.processor.image_processor.save_pretrained(out)
 
 
+def _teacher(cm: CompositeModel, ctx: Context, **load_kw):
+    """The model as loaded, for distillation after a transform: read from the checkpoint's own
+    safetensors with the weights left on disk (edgemed.models.streamed: the same fp32 logits,
+    memory of one module), or a deep copy where the checkpoint cannot be streamed (a GGUF or
+    pickle source, a checkpoint of the model's own code)."""
+    import copy
+
+    from edgemed.errors import BadInputError
+
+    if cm.streamed is None and cm.source_files and all(f.suffix != ".gguf" for f in cm.source_files):
+        try:
+            teacher = load_model(cm.source, low_memory=True, **load_kw).model
+            ctx.notes.append("distill: the teacher (the model as loaded) is read from the checkpoint while it runs, "
+                             "not copied in memory (--low-memory's streamed parent)")
+            return teacher
+        except BadInputError as e:
+            ctx.notes.append(f"distill: the teacher is a copy in memory ({e.what}: {e.reason})")
+    return copy.deepcopy(cm.model).eval()
+
+
 def compress(
     model: str | None = None,
     recipes: list[RecipeLike] | RecipeLike | None = None,
@@ -108,6 +128,7 @@ def compress(
     skip_plan: bool = False,
     vision_tower: str | None = None,
     host_memory_gb: float | None = None,
+    low_memory: bool = False,
 ) -> CompressResult:
     """Compress MODEL (None = the bundled demo model) with the recipe(s) (names, YAML files or Recipe
     objects; None: int8) for the target (None: this host's CPU) into `output` (None: default_output).
@@ -116,7 +137,10 @@ def compress(
     (exit 3) after writing an artifact whose manifest says `rejected`. `vision_tower`: the folder of
     the CLIP tower a LLaVA-Med-style checkpoint names in mm_vision_tower (default: that name).
     The plan checks this host's available RAM and free disk first (plan.host_estimate);
-    `host_memory_gb` overrides the RAM it is checked against (e.g. where swap is meant to take it)."""
+    `host_memory_gb` overrides the RAM it is checked against (e.g. where swap is meant to take it).
+    `low_memory`: the parent's weights stay on disk and each module reads its own while it runs
+    (edgemed.models.streamed): the same artifact, memory of the largest tensor instead of the model;
+    recipes whose steps all stream (GGUF) only."""
     from edgemed.demo import resolve_model
     from edgemed.reference.parity import check_parity, evaluate_gates
 
@@ -129,11 +153,20 @@ def compress(
     for p in writer.removed_stale:
         log.warning("removed %s: the temporary folder of an earlier run into %s that was killed", p.name, output)
     source = resolve_model(model, progress=say)
+    if low_memory:
+        from edgemed.plan import streaming_refusal
+
+        if why := streaming_refusal(recipe):
+            from edgemed.errors import BadInputError
+
+            raise BadInputError(f"recipe {recipe.name}", f"cannot run with --low-memory: {why}",
+                                "use a GGUF recipe (q4_k_m, q8_0, ...) with --low-memory, or compress without it")
     plan_dict = None
     if not skip_plan:
         from edgemed.plan import check_feasible, plan
 
-        p = plan(source, recipe, tgt, vision_tower=vision_tower, host_memory_gb=host_memory_gb, output=output)
+        p = plan(source, recipe, tgt, vision_tower=vision_tower, host_memory_gb=host_memory_gb, output=output,
+                 low_memory=low_memory)
         check_feasible(p)
         plan_dict = p.to_dict()
     if recipe.format is None:
@@ -142,10 +175,14 @@ def compress(
         raise BadInputError(f"recipe {recipe.name}", "has no export step, so it would write no artifact",
                             "add a format recipe, e.g. --recipe int8")
     say(f"load {source}")
-    cm = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, vision_tower=vision_tower)
+    cm = load_model(source, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, vision_tower=vision_tower,
+                    low_memory=low_memory)
     steps = [spec.build() for spec in recipe.steps]
     with writer as tmp:
         ctx = Context(cm=cm, recipe=recipe, target=tgt, work_dir=tmp, progress=say)
+        if low_memory:
+            ctx.notes.append("--low-memory: the parent's weights stayed on disk and each module read its own from the "
+                             "safetensors while it ran (the same fp32 values, logits and files as in memory)")
         # Everything an artifact is judged by comes from the model the user gave, before any
         # transform: the parity prompts' logits (gates) and the gate suite / device reference.
         from edgemed.reference.cache import cache_parent_reference, compare_with_reference, gate_values
@@ -157,9 +194,7 @@ def compress(
         ref_rel = cache_parent_reference(cm, tmp)
         ctx.describe(ref_rel, component="reference", fmt="npz", precision=None)
         if any(s.name == "distill" for s in steps):
-            import copy
-
-            ctx.teacher = copy.deepcopy(cm.model).eval()
+            ctx.teacher = _teacher(cm, ctx, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         for step in steps:
             say(f"step {step.name}")
             step.run(ctx)
@@ -168,7 +203,10 @@ def compress(
 
         backend_for(recipe, tgt).finish(ctx)
         say("parity against the PyTorch parent")
+        from edgemed.reference.parent import parent_parity_refs
         from edgemed.runtime import open_session
+
+        parent_refs = parent_parity_refs(cm)  # before the artifact is opened: never both resident
 
         manifest = Manifest(
             format=recipe.format,
@@ -183,8 +221,14 @@ def compress(
             runtime=ctx.runtime,
             notes=ctx.notes,
         )
-        session = open_session(tmp, manifest)
-        parity = check_parity(cm, session, original=original)
+        # --low-memory recipes are GGUF (Step.streams): read the weights once rather than mapping
+        # the file beside llama.cpp's repacked copy (GgufSession's use_mmap), with a KV cache the
+        # parity prompts and gate suite fit in rather than the default 4096 tokens (1 GB at 7B).
+        from edgemed.plan import LOW_MEMORY_PARITY_CONTEXT
+
+        session = open_session(tmp, manifest, **({"use_mmap": False, "n_ctx": LOW_MEMORY_PARITY_CONTEXT}
+                                                 if low_memory else {}))
+        parity = check_parity(cm, session, original=original, parent=parent_refs)
         manifest.parity = parity
         if not all(np.isfinite(parity[k]) for k in ("kld_mean", "logits_max_abs_diff")):
             # A broken artifact, whatever the gates say: nothing is written (the temp dir goes).

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from edgemed.errors import EdgemedError, InfeasiblePlanError
+from edgemed.errors import BadInputError, EdgemedError, InfeasiblePlanError
 from edgemed.formats.base import RUNTIME_OVERHEAD_FIXED_BYTES, backend_for
 from edgemed.recipe import COMPONENTS, Recipe
 from edgemed.target import Target
@@ -60,9 +60,11 @@ class HostEstimate(BaseModel):
     parts: dict[str, int]  # what the peak is made of
     feasible: bool
     reasons: list[str] = []
+    low_memory: bool = False  # compress --low-memory: the weights stay on disk
 
     def to_dict(self) -> dict[str, Any]:
         return {"memory_gb": round(self.memory_bytes / GB, 2), "memory_source": self.memory_source,
+                "weights": "on disk (--low-memory)" if self.low_memory else "in memory (fp32)",
                 "disk_free_gb": None if self.disk_free_bytes is None else round(self.disk_free_bytes / GB, 2),
                 "peak_ram_gb": round(self.peak_ram_bytes / GB, 2), "disk_gb": round(self.disk_bytes / GB, 2),
                 "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
@@ -145,7 +147,7 @@ class Plan(BaseModel):
 
 def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int | None = None,
          vision_tower: str | None = None, host_memory_gb: float | None = None,
-         output: str | Path | None = None) -> Plan:
+         output: str | Path | None = None, low_memory: bool = False) -> Plan:
     """Estimate sizes, run-time memory and the decode ceiling, and list every reason the
     combination cannot run. Reads config.json only: a folder holding just that is enough.
 
@@ -158,8 +160,13 @@ def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int 
     The host side (`plan.host`, see host_estimate): the peak RAM and disk `compress` needs for this
     model x recipe, checked against `host_memory_gb` (None: this machine's available memory) and
     the free space where `output` (None: the current folder) will be written; a host that cannot
-    compress it makes the plan infeasible too, with its own fixes."""
+    compress it makes the plan infeasible too, with its own fixes. `low_memory`: compress will leave
+    the weights on disk (`--low-memory`, edgemed.models.streamed); a recipe that cannot is refused."""
     from edgemed.models import adapter_for, load_config
+
+    if low_memory and (why := streaming_refusal(recipe)):
+        raise BadInputError(f"recipe {recipe.name}", f"cannot run with --low-memory: {why}",
+                            "use a GGUF recipe (q4_k_m, q8_0, ...) with --low-memory, or compress without it")
 
     config = load_config(model_source, vision_tower=vision_tower)
     adapter = adapter_for(config, model_source)
@@ -179,12 +186,17 @@ def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int 
                 p = shorter
     if not p.feasible:
         p.fixes = _fixes(shape, recipe, target, p.context_tokens, p)
-    host = host_estimate(shape, recipe, target, parent_params, host_memory_gb, output)
+    from edgemed.models import normaliser_for, raw_config
+
+    # compress streams a distillation teacher from a local Hugging Face checkpoint (pipeline._teacher)
+    teacher_streams = Path(model_source).is_dir() and normaliser_for(raw_config(model_source)) is None
+    host = host_estimate(shape, recipe, target, parent_params, host_memory_gb, output, low_memory=low_memory,
+                         teacher_streams=teacher_streams)
     p.host = host
     if not host.feasible:
         p.feasible = False
         p.reasons += [f"host: {r}" for r in host.reasons]
-        p.fixes += _host_fixes(shape, recipe, target, parent_params, host)
+        p.fixes += _host_fixes(shape, recipe, target, parent_params, host, teacher_streams)
     return p
 
 
@@ -357,6 +369,13 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
 HOST_PROCESS_BYTES = 900_000_000
 # Left free for the OS and everything else on the host.
 HOST_MARGIN_FRACTION = 0.05
+# --low-memory: x the largest tensor in fp32 (its fp32 conversion, the writer's converted copy, a
+# forward's output); fitted by bench/bench_memory.py (the streamed phases of a 22-layer
+# TinyLlama shape peaked 0.48 GB above the process with a 0.26 GB largest tensor).
+HOST_STREAM_FACTOR = 2.0
+# The context of compress --low-memory's parity session (the parity prompts and gate suite fit).
+LOW_MEMORY_PARITY_CONTEXT = 2048
+STREAM_PART = "streamed parent (largest tensors) or the artifact and its KV cache in parity, the larger"
 
 
 def host_memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -374,26 +393,56 @@ def host_memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     return min(available, int(cap) - used) if cap.isdigit() else available
 
 
+def streaming_refusal(recipe: Recipe) -> str | None:
+    """Why this recipe cannot run with the weights left on disk (None: it can): a step must say it
+    reads weights only through the parent's forward and CompositeModel.weight_reader (Step.streams)."""
+    from edgemed.steps import STEPS
+
+    for spec in recipe.steps:
+        if not getattr(STEPS.get(spec.step), "streams", False):
+            return f"its step {spec.step} needs the whole model in memory"
+    return None
+
+
 def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_params: int,
-                  host_memory_gb: float | None = None, output: str | Path | None = None) -> HostEstimate:
+                  host_memory_gb: float | None = None, output: str | Path | None = None,
+                  low_memory: bool = False, teacher_streams: bool = False) -> HostEstimate:
     """Peak RAM and disk of `edgemed compress` for this model x recipe:
 
         peak = process + parent in fp32 (compress loads it so and keeps it throughout)
-               + the teacher's copy where the recipe distills, + what a step holds of its own
+               + the distillation teacher where the recipe distills (streamed from a local
+                 checkpoint, else a copy), + what a step holds of its own
                  (Step.host_bytes: distill's gradients and AdamW moments)
                + the format's export/quantize transient (FormatBackend.host_transient x the parent's
                  fp32 bytes + host_transient_fixed: graphs, sessions, calibration tensors)
         disk = the artifact + scratch (FormatBackend.host_scratch x the fp32 bytes)
 
     The factors are fitted to peak RSS measured by bench/bench_memory.py (its results.md compares
-    each prediction with the measurement)."""
-    import shutil
+    each prediction with the measurement).
 
+    With `low_memory` the parent stays on disk: its part is HOST_STREAM_FACTOR x the largest
+    tensor in fp32 (read, converted, written one at a time), the export's transient does not
+    grow with the model (the GGUF writer and llama.cpp's quantizer hold one tensor), and the
+    artifact itself is resident while parity runs it."""
     backend = backend_for(recipe, target, shape)
     fp32 = 4 * parent_params  # the model as given, before a recipe's pruning
+    if low_memory:
+        largest = _largest_tensor_bytes(shape)
+        at_parity = _estimate(shape, recipe, target, LOW_MEMORY_PARITY_CONTEXT, "")
+        artifact = at_parity.artifact_bytes
+        # The parity check runs the artifact (read into memory whole, with an f32 KV cache of
+        # LOW_MEMORY_PARITY_CONTEXT tokens) after the parent's side is computed
+        # (reference.parity.parent_parity_refs): the larger of the two is resident, not both.
+        kv_f32 = at_parity.kv_cache_bytes * 4 // max(1, at_parity.kv_bytes_per_element)
+        parts = {"process": HOST_PROCESS_BYTES, f"{recipe.format} export and quantize": int(backend.host_transient_fixed),
+                 STREAM_PART: int(max(HOST_STREAM_FACTOR * largest, artifact + kv_f32))}
+        return _host_check(parts, int(artifact + backend.host_scratch * fp32), host_memory_gb, output, low_memory=True)
     parts = {"process": HOST_PROCESS_BYTES, "parent (fp32)": fp32}
     if any(s.step == "distill" for s in recipe.steps):
-        parts["teacher copy (distill)"] = fp32
+        if teacher_streams:  # pipeline._teacher: read from the checkpoint while it runs
+            parts["teacher (distill, streamed from disk)"] = int(HOST_STREAM_FACTOR * _largest_tensor_bytes(shape))
+        else:
+            parts["teacher copy (distill)"] = fp32
     from edgemed.steps import STEPS
 
     for spec in recipe.steps:  # a step that holds memory of its own says how much (e.g. distill's optimizer)
@@ -401,9 +450,23 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
             parts[f"{spec.step} step"] = int(spec.build().host_bytes(shape))
     if recipe.format is not None:
         parts[f"{recipe.format} export and quantize"] = int(backend.host_transient * fp32 + backend.host_transient_fixed)
+    return _host_check(parts, int(_artifact_bytes(shape, recipe, target) + backend.host_scratch * fp32),
+                       host_memory_gb, output)
+
+
+def _largest_tensor_bytes(shape: _ModelShape) -> int:
+    return 4 * max([shape.counts.get("embed", 0), shape.counts.get("lm_head", 0), *shape.linears.values()])
+
+
+def _artifact_bytes(shape: _ModelShape, recipe: Recipe, target: Target) -> int:
+    return _estimate(shape, recipe, target, DEFAULT_CONTEXT_TOKENS, "").artifact_bytes if recipe.format else 0
+
+
+def _host_check(parts: dict[str, int], disk: int, host_memory_gb: float | None,
+                output: str | Path | None, low_memory: bool = False) -> HostEstimate:
+    import shutil
+
     peak = sum(parts.values())
-    artifact = _estimate(shape, recipe, target, DEFAULT_CONTEXT_TOKENS, "").artifact_bytes if recipe.format else 0
-    disk = int(artifact + backend.host_scratch * fp32)
     if host_memory_gb is not None:
         memory, source = int(host_memory_gb * GB), "--host-memory-gb"
     else:
@@ -420,20 +483,27 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
     if free is not None and disk > free:
         reasons.append(f"compress needs about {disk / GB:.1f} GB of disk at {where}, which has {free / GB:.1f} GB free")
     return HostEstimate(memory_bytes=memory, memory_source=source, disk_free_bytes=free, peak_ram_bytes=peak,
-                        disk_bytes=disk, parts=parts, feasible=not reasons, reasons=reasons)
+                        disk_bytes=disk, parts=parts, feasible=not reasons, reasons=reasons, low_memory=low_memory)
 
 
 def _host_fixes(shape: _ModelShape, recipe: Recipe, target: Target, parent_params: int,
-                host: HostEstimate) -> list[str]:
+                host: HostEstimate, teacher_streams: bool = False) -> list[str]:
     fixes = []
     fits = []
     for r in _shipped("recipes"):
         if r.name == recipe.name or r.format is None:
             continue
-        alt = host_estimate(shape, r, target, parent_params, host.memory_bytes / GB)
+        alt = host_estimate(shape, r, target, parent_params, host.memory_bytes / GB,
+                            low_memory=streaming_refusal(r) is None, teacher_streams=teacher_streams)
         if alt.peak_ram_bytes <= host.memory_bytes * (1 - HOST_MARGIN_FRACTION) and \
                 _estimate(shape, r, target, DEFAULT_CONTEXT_TOKENS, "").feasible:
-            fits.append((alt.peak_ram_bytes, f"--recipe {r.name} ({alt.peak_ram_bytes / GB:.1f} GB)"))
+            flag = " --low-memory" if streaming_refusal(r) is None else ""
+            fits.append((alt.peak_ram_bytes, f"--recipe {r.name}{flag} ({alt.peak_ram_bytes / GB:.1f} GB)"))
+    if streaming_refusal(recipe) is None and "parent (fp32)" in host.parts:
+        low = host_estimate(shape, recipe, target, parent_params, host.memory_bytes / GB, low_memory=True)
+        if low.peak_ram_bytes <= host.memory_bytes * (1 - HOST_MARGIN_FRACTION):
+            fixes.append(f"--low-memory: the weights stay on disk, read one tensor at a time "
+                         f"(about {low.peak_ram_bytes / GB:.1f} GB)")
     if fits:
         fixes.append(f"a recipe this host can compress for {target.name}: " + ", ".join(s for _, s in sorted(fits)[:4]))
     need = host.peak_ram_bytes / (1 - HOST_MARGIN_FRACTION) / GB

@@ -40,6 +40,9 @@ class Step:
     formats: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
     Args: ClassVar[type[StepArgs]] = StepArgs
+    # True where the step reads the parent only through its forward pass and
+    # CompositeModel.weight_reader, so it runs with the weights left on disk (compress --low-memory).
+    streams: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

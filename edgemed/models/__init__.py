@@ -35,6 +35,19 @@ class CompositeModel:
     text: TextFacts
     source_files: list[Path] = field(default_factory=list)
     chat_template: str | None = None
+    # Set where the weights stay on disk (load_model(low_memory=True), edgemed.models.streamed).
+    streamed: Any = None
+
+    def weight_reader(self, param):
+        """A loader of one parameter as float32 numpy, called when a writer needs it (streamed
+        from the checkpoint where the weights stay on disk)."""
+        if self.streamed is None:
+            return lambda: param.detach().float().cpu().numpy()
+        read = self.streamed.reader(param)
+        if read is None:
+            raise BadInputError(self.source, "a writer asked for a tensor that is not one of the checkpoint's own "
+                                "(a slice of a fused tensor)", "compress without --low-memory")
+        return read
 
     @property
     def multimodal(self) -> bool:
@@ -173,9 +186,11 @@ def _component_counts(adapter, model) -> dict[str, int]:
 
 
 def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-               vision_tower: str | None = None) -> CompositeModel:
+               vision_tower: str | None = None, low_memory: bool = False) -> CompositeModel:
     """Load for export/compression: fp32, eval mode, safetensors only unless allow_pickle.
-    `vision_tower`: the folder of the CLIP tower a LLaVA-Med-style checkpoint names (mm_vision_tower)."""
+    `vision_tower`: the folder of the CLIP tower a LLaVA-Med-style checkpoint names (mm_vision_tower).
+    `low_memory`: leave the weights on disk and read each module's own while it runs
+    (edgemed.models.streamed): the same numbers, memory of one module instead of the model."""
     import torch
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -206,8 +221,16 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
         kwargs["gguf_file"] = gguf_file
     else:
         kwargs["use_safetensors"] = None if allow_pickle else True
+    if low_memory and (normaliser is not None or gguf_file or not p.is_dir()):
+        raise BadInputError(source, "--low-memory reads a local folder of Hugging Face safetensors shards",
+                            "convert the checkpoint first (`edgemed convert` for LLaVA-Med), or compress without --low-memory")
+    streamed = None
     try:
-        if normaliser is not None:
+        if low_memory:
+            from edgemed.models.streamed import shard_files, streamed_model
+
+            model, streamed = streamed_model(adapter.model_class(), config, shard_files(p), source)
+        elif normaliser is not None:
             model = _normalised_model(normaliser, Path(base), config, vision_tower, allow_pickle, adapter)
         else:
             model = adapter.model_class().from_pretrained(base, **kwargs).eval()
@@ -233,7 +256,7 @@ def load_model(source: str, *, allow_pickle: bool = False, trust_remote_code: bo
     return CompositeModel(
         source=source, family=adapter.family, adapter=adapter, config=config, model=model,
         tokenizer=tokenizer, processor=processor, image=image, text=text_facts(adapter, config, tokenizer),
-        source_files=files, chat_template=template if isinstance(template, str) else None,
+        source_files=files, chat_template=template if isinstance(template, str) else None, streamed=streamed,
     )
 
 

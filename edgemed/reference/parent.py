@@ -13,6 +13,7 @@ verifies); decoding uses the parent's own KV cache.
 """
 from __future__ import annotations
 
+from typing import Any
 
 import numpy as np
 
@@ -118,13 +119,24 @@ class ParentSession(GreedyGeneration):
 
 def parity_prompt_logits(cm) -> list[np.ndarray]:
     """Logits on the parity prompts (the parity image on even prompts, as check_parity does)."""
-    from edgemed.reference.parity import parent_logits
+    return parent_parity_refs(cm)["logits"]
+
+
+def parent_parity_refs(cm, prompts=PARITY_PROMPTS) -> dict[str, Any]:
+    """The parent's side of check_parity, computed before the artifact is opened (with the weights
+    on disk the parent and the artifact are then never resident together): ids, logits and
+    image features on the parity prompts, as edgemed's own prompt and pixel code makes them."""
+    from edgemed.reference.parity import parent_image_features, parent_logits
 
     s = ParentSession(cm)
-    pv = s.pixel_values(synthetic_test_image()) if cm.multimodal else None
-    grid = s.image_grid(synthetic_test_image()) if cm.multimodal else (0, 0)
-    out = []
-    for i, prompt in enumerate(PARITY_PROMPTS):
+    pv = grid = None
+    out: dict[str, Any] = {"ids": [], "logits": []}
+    if cm.multimodal:
+        pv, grid = s.pixel_values(synthetic_test_image()), s.image_grid(synthetic_test_image())
+        out.update(pixel_values=pv, features=parent_image_features(cm, pv))
+    for i, prompt in enumerate(prompts):
         with_image = pv is not None and i % 2 == 0
-        out.append(parent_logits(cm, s.prompt_ids(prompt, with_image, grid), pv if with_image else None))
+        ids = s.prompt_ids(prompt, with_image, grid or (0, 0))
+        out["ids"].append(ids)
+        out["logits"].append(parent_logits(cm, ids, pv if with_image else None))
     return out

@@ -26,7 +26,8 @@ class GgufBackend(FormatBackend):
     name = "gguf"
     # Fitted to bench_memory.py's q4_k_m runs (peak RSS 1.78 / 2.73 / 3.89 / 6.99 GB at 0.88 / 1.58 /
     # 2.46 / 4.40 GB of fp32 weights): the quantized tensors the writer holds and the imatrix pass.
-    host_transient, host_transient_fixed, host_scratch = 0.4, 100_000_000, 0.5
+    # Disk: the f32 model file gguf-quantize starts from (gguf-export's dtype) beside the artifact.
+    host_transient, host_transient_fixed, host_scratch = 0.4, 100_000_000, 1.0
     precisions = frozenset(PRECISION_BITS) - {"fp8", "fp4"}
 
     def bits_per_weight(self, precision: str, in_features: int) -> float:

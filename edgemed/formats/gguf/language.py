@@ -19,7 +19,7 @@ import numpy as np
 
 from edgemed.errors import BadInputError
 from edgemed.formats.gguf.tokenizer import write_tokenizer
-from edgemed.formats.gguf.writer import float_type, gguf_py, lazy_numpy, PlannedTensor, stream_tensors, llama_ftype
+from edgemed.formats.gguf.writer import float_type, gguf_py, PlannedTensor, stream_tensors, llama_ftype
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.models import CompositeModel
@@ -226,7 +226,7 @@ def write_language_gguf(cm: "CompositeModel", path: Path, precision: str = "f32"
     heads = tc.num_attention_heads
     kv_heads = getattr(tc, "num_key_value_heads", None) or heads
     for hf_name, new, p in language_tensors(cm):
-        make = lazy_numpy(p)
+        make = cm.weight_reader(p)
         if arch.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             make = (lambda f: (lambda: permute_qk(f(), heads)))(make)
         elif arch.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):

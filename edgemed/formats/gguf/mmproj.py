@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemed.errors import BadInputError
 from edgemed.formats.gguf import gguf_type_name
-from edgemed.formats.gguf.writer import float_type, gguf_py, lazy_numpy, PlannedTensor, stream_tensors, llama_ftype
+from edgemed.formats.gguf.writer import float_type, gguf_py, PlannedTensor, stream_tensors, llama_ftype
 
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.models import CompositeModel
@@ -119,11 +119,11 @@ def write_mmproj_gguf(cm: "CompositeModel", path: Path, vision_precision: str = 
             qt = T.F32
         else:
             qt = float_type(vision_precision, len(shape), shape[-1])
-        planned.append(PlannedTensor(new, shape, qt, lazy_numpy(p)))
+        planned.append(PlannedTensor(new, shape, qt, cm.weight_reader(p)))
     for hf_name, p in comps["projector"].named_parameters():
         new = _projector_name(gguf, names, spec, hf_name)
         shape = tuple(p.shape)
-        make = lazy_numpy(p)
+        make = cm.weight_reader(p)
         if spec.projector_type == gguf.VisionProjectorType.GEMMA3 and "soft_emb_norm" in new:
             make = (lambda f: (lambda: f() + 1.0))(make)  # Gemma RMSNorm stores w - 1
         planned.append(PlannedTensor(new, shape, float_type(proj_prec, len(shape), shape[-1]), make))

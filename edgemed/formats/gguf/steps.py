@@ -41,6 +41,7 @@ class GgufExport(Step):
     name = "gguf-export"
     stage = "export"
     formats = ("gguf",)
+    streams = True
     summary = "language model -> model-*.gguf (tokenizer, chat template) + vision tower/projector -> mmproj-*.gguf"
     Args = GgufExportArgs
 
@@ -90,6 +91,7 @@ class GgufQuantize(Step):
     name = "gguf-quantize"
     stage = "artifact"
     formats = ("gguf",)
+    streams = True
     summary = "llama.cpp's llama_model_quantize per the component policy (q8_0 ... iq4_xs), optional medical imatrix"
     Args = GgufQuantizeArgs
 

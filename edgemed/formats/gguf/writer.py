@@ -89,10 +89,6 @@ def stream_tensors(writer, planned: list[PlannedTensor]) -> None:
     writer.close()
 
 
-def lazy_numpy(param) -> Callable[[], np.ndarray]:
-    return lambda: param.detach().float().cpu().numpy()
-
-
 def float_type(precision: str, ndim: int, cols: int):
     """Tensor type the writer itself stores: 1-D tensors F32; 2-D at f16/f32, or Q8_0 where the
     policy asks for 8 bits and the rows fit Q8_0's 32-blocks (gguf-py's own Q8_0 quantizer)."""

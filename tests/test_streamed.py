@@ -1,0 +1,139 @@
+"""compress --low-memory: the parent's weights stay on disk (edgemed.models.streamed).
+
+The streamed parent must compute exactly what the in-memory fp32 parent computes (logits,
+generations, imatrix), and the artifact it writes must be the same bytes; recipes that need the
+whole model in memory are refused with exit 2 before any work; `plan` offers --low-memory where
+it makes an infeasible host feasible.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgemed.cli import main
+from edgemed.errors import BadInputError
+
+
+@pytest.mark.parametrize("family", ["llama", "llava-clip", "gemma3"])
+def test_streamed_parent_computes_what_the_loaded_parent_does(tiny_dir, family):
+    from edgemed.calibration.builtin import synthetic_test_image
+    from edgemed.models import load_model
+    from edgemed.reference.parent import ParentSession
+    from edgemed.reference.parity import parent_logits
+
+    src = str(tiny_dir(family))
+    full, low = load_model(src), load_model(src, low_memory=True)
+    assert low.streamed is not None and full.streamed is None
+    # Nothing of the model is resident between forwards: every parameter is a shape-only placeholder.
+    assert all(p.stride() == (0,) * p.dim() for p in low.model.parameters() if p.dim())
+    assert low.component_params() == full.component_params()
+    ids = full.prompt_ids("Is there a pleural effusion?", False)
+    assert np.array_equal(parent_logits(full, ids, None), parent_logits(low, ids, None))
+    image = synthetic_test_image() if full.multimodal else None
+    a = ParentSession(full).generate(image, "Describe the image.", max_new_tokens=6)
+    b = ParentSession(low).generate(image, "Describe the image.", max_new_tokens=6)
+    assert a.token_ids == b.token_ids
+    st = low.streamed
+    assert st.resident == 0 and 0 < st.peak_resident < 4 * sum(p.numel() for p in full.model.parameters()) / 2
+
+
+def _hashes(manifest) -> dict[str, str]:
+    return {f.path: f.sha256 for f in manifest.files}
+
+
+@pytest.mark.parametrize("family,recipe", [("llama", "q4_k_m"), ("llava-clip", "q8_0")])
+def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recipe):
+    """The GGUF files, the imatrix and the cached parent reference written from the streamed parent
+    equal those of the in-memory path byte for byte (not just within a tolerance)."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.pipeline import compress
+
+    src = str(tiny_dir(family))
+    full = compress(src, [recipe], "cpu-x86-avx2", tmp_path / "full").manifest
+    low = compress(src, [recipe], "cpu-x86-avx2", tmp_path / "low", low_memory=True).manifest
+    hf, hl = _hashes(full), _hashes(low)
+    assert set(hf) == set(hl) and any(p.endswith(".gguf") for p in hf)
+    assert hf == hl
+    assert low.parity["kld_mean"] == full.parity["kld_mean"]
+    assert low.plan["host"]["weights"] == "on disk (--low-memory)" != full.plan["host"]["weights"]
+    assert "process" in low.plan["host"]["parts_gb"] and "parent (fp32)" not in low.plan["host"]["parts_gb"]
+    assert any("--low-memory" in n for n in low.notes) and not any("--low-memory" in n for n in full.notes)
+
+
+def test_low_memory_refuses_a_recipe_that_needs_the_whole_model(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["compress", str(tiny_dir("llama")), "--recipe", "int8", "--low-memory", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--low-memory" in err and "onnx-export" in err and "GGUF recipe" in err
+    assert not out.exists()
+
+
+def test_low_memory_names_a_tensor_the_checkpoint_lacks(tiny_dir, tmp_path):
+    """A checkpoint whose tensor names are not the model's (another transformers' layout, a cut
+    shard) is refused by the first missing name, not loaded half."""
+    from safetensors.torch import load_file, save_file
+
+    from edgemed.models import load_model
+
+    src = tiny_dir("llama")
+    bad = tmp_path / "renamed"
+    shutil.copytree(src, bad)
+    state = load_file(bad / "model.safetensors")
+    state["model.layers.1.mlp.up.weight"] = state.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BadInputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight") as e:
+        load_model(str(bad), low_memory=True)
+    assert "without --low-memory" in e.value.fix
+
+
+def test_plan_offers_low_memory_and_checks_the_host(tmp_path, capsys):
+    """Mistral-7B (the real config) at q4_k_m on a 12 GB host: in memory it is refused with exit 2
+    and --low-memory named as the fix; with --low-memory the host side fits."""
+    from edgemed.pipeline import resolve
+    from edgemed.plan import STREAM_PART, plan
+
+    src = str(Path(__file__).parent / "fixtures" / "checkpoints" / "mistral-7b-instruct-v0.2")
+    recipe, target = resolve(["q4_k_m"], "jetson-agx-orin-64gb")
+    p = plan(src, recipe, target, host_memory_gb=12)
+    assert not p.host.feasible and "parent (fp32)" in p.host.parts
+    assert any(f.startswith("--low-memory") for f in p.fixes)
+    low = plan(src, recipe, target, host_memory_gb=12, low_memory=True)
+    assert low.host.feasible and low.host.peak_ram_bytes < 6e9
+    assert set(low.host.parts) == {"process", STREAM_PART, "gguf export and quantize"}
+    # A 7B's Q4_K_M and its f32 KV cache (32 layers x 8 KV heads x 128 x 2048 tokens) outweigh its largest tensors.
+    assert low.host.parts[STREAM_PART] == low.artifact_bytes + 2 * 32 * 8 * 128 * 2048 * 4
+    rc = main(["plan", src, "--recipe", "q4_k_m", "--target", "jetson-agx-orin-64gb", "--host-memory-gb", "12"])
+    assert rc == 2 and "--low-memory" in capsys.readouterr().err
+    capsys.readouterr()
+    rc = main(["plan", src, "--recipe", "q4_k_m", "--target", "jetson-agx-orin-64gb", "--host-memory-gb", "12",
+               "--low-memory", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0 and json.JSONDecoder().raw_decode(out)[0]["host"]["feasible"] is True
+    rc = main(["plan", src, "--recipe", "int4", "--low-memory"])
+    assert rc == 2 and "cannot run with --low-memory" in capsys.readouterr().err
+
+
+def test_distillation_teacher_is_read_from_disk(tiny_dir, tmp_path, monkeypatch):
+    """prune + distill: the teacher is the streamed checkpoint, not a deep copy, and it computes the
+    loaded model's logits (the distill step's `before` KLD is against it)."""
+    import copy
+
+    import torch
+
+    from edgemed.pipeline import compress
+
+    real = copy.deepcopy
+
+    def no_copy(x, *a, **k):
+        if isinstance(x, torch.nn.Module):
+            raise AssertionError("the teacher was deep-copied")
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(copy, "deepcopy", no_copy)
+    m = compress(str(tiny_dir("llama")), ["prune-width-25", "q8_0"], "cpu-x86-avx2", tmp_path / "out").manifest
+    assert any(n.startswith("distill: the teacher (the model as loaded) is read from the checkpoint") for n in m.notes)
+    assert m.plan["host"]["parts_gb"].get("teacher (distill, streamed from disk)") is not None
