@@ -23,6 +23,9 @@ from edgemed.errors import BadInputError, EdgemedError, InfeasiblePlanError
 from edgemed.formats.base import RUNTIME_OVERHEAD_FIXED_BYTES, backend_for
 from edgemed.recipe import COMPONENTS, Recipe
 from edgemed.target import Target
+from edgemed.plan_host import (HOST_MARGIN_FRACTION, HOST_PROCESS_BYTES, HOST_STREAM_FACTOR,  # noqa: F401
+                               LOW_MEMORY_PARITY_CONTEXT, STREAM_PART, HostEstimate, _host_check,
+                               host_memory_available, streaming_refusal)
 
 # Activations, the runtime's arena and fragmentation grow with the model (largest matmul
 # outputs, the image tokens' prefill, logits over the vocabulary): 10% of weights + KV. The
@@ -47,28 +50,6 @@ class ComponentEstimate(BaseModel):
     bytes: int  # stored in the artifact
     read_per_token: bool  # streamed from memory for every decoded token
     note: str = ""
-
-
-class HostEstimate(BaseModel):
-    """What `edgemed compress` needs of the machine that runs it (sizes in bytes)."""
-
-    memory_bytes: int  # RAM the estimate is checked against
-    memory_source: str  # where memory_bytes came from
-    disk_free_bytes: int | None  # free space where the artifact is written (None: not checked)
-    peak_ram_bytes: int
-    disk_bytes: int  # the artifact plus compress's scratch beside it
-    parts: dict[str, int]  # what the peak is made of
-    feasible: bool
-    reasons: list[str] = []
-    low_memory: bool = False  # compress --low-memory: the weights stay on disk
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"memory_gb": round(self.memory_bytes / GB, 2), "memory_source": self.memory_source,
-                "weights": "on disk (--low-memory)" if self.low_memory else "in memory (fp32)",
-                "disk_free_gb": None if self.disk_free_bytes is None else round(self.disk_free_bytes / GB, 2),
-                "peak_ram_gb": round(self.peak_ram_bytes / GB, 2), "disk_gb": round(self.disk_bytes / GB, 2),
-                "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
-                "feasible": self.feasible, "reasons": list(self.reasons)}
 
 
 class Plan(BaseModel):
@@ -365,45 +346,6 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
 
 # --- the host that compresses ---------------------------------------------------------------
 
-# Python with torch, transformers and ONNX Runtime imported, before any weights (bench_memory.py).
-HOST_PROCESS_BYTES = 900_000_000
-# Left free for the OS and everything else on the host.
-HOST_MARGIN_FRACTION = 0.05
-# --low-memory: x the largest tensor in fp32 (its fp32 conversion, the writer's converted copy, a
-# forward's output); fitted by bench/bench_memory.py (the streamed phases of a 22-layer
-# TinyLlama shape peaked 0.48 GB above the process with a 0.26 GB largest tensor).
-HOST_STREAM_FACTOR = 2.0
-# The context of compress --low-memory's parity session (the parity prompts and gate suite fit).
-LOW_MEMORY_PARITY_CONTEXT = 2048
-STREAM_PART = "streamed parent (largest tensors) or the artifact and its KV cache in parity, the larger"
-
-
-def host_memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """This machine's available memory now (MemAvailable: free plus what the kernel can reclaim),
-    or less where this process's cgroup (a container, a CI job) caps it: /proc/meminfo shows the
-    whole machine inside a container."""
-    import psutil
-
-    available = int(psutil.virtual_memory().available)
-    try:
-        cap = (cgroup / "memory.max").read_text().strip()
-        used = int((cgroup / "memory.current").read_text().strip())
-    except (OSError, ValueError):
-        return available
-    return min(available, int(cap) - used) if cap.isdigit() else available
-
-
-def streaming_refusal(recipe: Recipe) -> str | None:
-    """Why this recipe cannot run with the weights left on disk (None: it can): a step must say it
-    reads weights only through the parent's forward and CompositeModel.weight_reader (Step.streams)."""
-    from edgemed.steps import STEPS
-
-    for spec in recipe.steps:
-        if not getattr(STEPS.get(spec.step), "streams", False):
-            return f"its step {spec.step} needs the whole model in memory"
-    return None
-
-
 def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_params: int,
                   host_memory_gb: float | None = None, output: str | Path | None = None,
                   low_memory: bool = False, teacher_streams: bool = False) -> HostEstimate:
@@ -460,30 +402,6 @@ def _largest_tensor_bytes(shape: _ModelShape) -> int:
 
 def _artifact_bytes(shape: _ModelShape, recipe: Recipe, target: Target) -> int:
     return _estimate(shape, recipe, target, DEFAULT_CONTEXT_TOKENS, "").artifact_bytes if recipe.format else 0
-
-
-def _host_check(parts: dict[str, int], disk: int, host_memory_gb: float | None,
-                output: str | Path | None, low_memory: bool = False) -> HostEstimate:
-    import shutil
-
-    peak = sum(parts.values())
-    if host_memory_gb is not None:
-        memory, source = int(host_memory_gb * GB), "--host-memory-gb"
-    else:
-        memory, source = host_memory_available(), "available memory of this machine"
-    where = Path(output) if output is not None else Path.cwd()
-    while not where.exists() and where != where.parent:
-        where = where.parent
-    free = shutil.disk_usage(where).free if host_memory_gb is None else None
-    reasons = []
-    if peak > memory * (1 - HOST_MARGIN_FRACTION):
-        biggest = max((k for k in parts if k != "process"), key=parts.get)
-        reasons.append(f"compress needs about {peak / GB:.1f} GB of RAM ({', '.join(f'{k} {v / GB:.1f}' for k, v in parts.items())}), "
-                       f"but {source} is {memory / GB:.1f} GB (largest part: {biggest})")
-    if free is not None and disk > free:
-        reasons.append(f"compress needs about {disk / GB:.1f} GB of disk at {where}, which has {free / GB:.1f} GB free")
-    return HostEstimate(memory_bytes=memory, memory_source=source, disk_free_bytes=free, peak_ram_bytes=peak,
-                        disk_bytes=disk, parts=parts, feasible=not reasons, reasons=reasons, low_memory=low_memory)
 
 
 def _host_fixes(shape: _ModelShape, recipe: Recipe, target: Target, parent_params: int,

@@ -16,7 +16,7 @@ MAX_LINES = 500
 LAYERS: dict[str, int] = {
     "edgemed": 0, "edgemed.__main__": 0, "edgemed.cli": 0,
     "edgemed.pipeline": 1, "edgemed.bench": 1, "edgemed.demo.train": 1, "edgemed.demo.evaluate": 1,
-    "edgemed.plan": 2,
+    "edgemed.plan": 2, "edgemed.plan_host": 2,
     "edgemed.transforms": 3, "edgemed.formats": 3, "edgemed.context": 3,
     "edgemed.reference": 4, "edgemed.calibration": 4, "edgemed.models": 4, "edgemed.demo": 4, "edgemed.data": 4,
     "edgemed.runtime": 5,

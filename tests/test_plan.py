@@ -19,7 +19,7 @@ LLAVA_15_7B_PARAMS = 7.06e9
 @pytest.fixture(autouse=True)
 def big_host(monkeypatch):
     """These tests are about the target side; the host that compresses is planned below."""
-    monkeypatch.setattr("edgemed.plan.host_memory_available", lambda: 1 << 40)
+    monkeypatch.setattr("edgemed.plan_host.host_memory_available", lambda: 1 << 40)
 
 
 @pytest.fixture(scope="module")
