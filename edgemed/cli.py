@@ -146,7 +146,8 @@ def plan(
                       + ", ".join(f"{k} {v}" for k, v in h["parts_gb"].items())
                       + f") and {h['disk_gb']} GB of disk; {h['memory_source']}: {h['memory_gb']} GB")
     check_feasible(p)
-    console.print("[green]feasible[/green]")
+    if not json_out:  # --json prints one JSON document (its "feasible" says the same)
+        console.print("[green]feasible[/green]")
 
 
 @app.command()

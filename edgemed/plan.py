@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from edgemed.errors import BadInputError, EdgemedError, InfeasiblePlanError
 from edgemed.formats.base import RUNTIME_OVERHEAD_FIXED_BYTES, backend_for
-from edgemed.recipe import COMPONENTS, Recipe
+from edgemed.recipe import COMPONENTS, PRECISION_BITS, Recipe
 from edgemed.target import Target
 from edgemed.plan_host import (HOST_MARGIN_FRACTION, HOST_PROCESS_BYTES, HOST_STREAM_FACTOR,  # noqa: F401
                                LOW_MEMORY_PARITY_CONTEXT, STREAM_PART, HostEstimate, _host_check,
@@ -279,11 +279,17 @@ def _estimate(shape: _ModelShape, recipe: Recipe, target: Target, context_tokens
     for name in order:
         params = shape.counts[name]
         prec = getattr(policy, name, "fp32")  # a component the policy does not name (a router) stays fp32
+        if name == "embed" and shape.tied and backend.tied_lm_head_stored_once():
+            # one table serves both: it is stored at the higher of the two (gguf-quantize's tied_precision)
+            prec = max((prec, policy.lm_head), key=lambda q: PRECISION_BITS[q])
         if activations == "fp16" and prec == "fp32":
             prec = "fp16"  # onnx-quantize stores every float tensor fp16 there
         in_features = shape.vision_hidden if (name == "vision" and shape.vision_hidden) else facts.hidden_size
         bits = backend.bits_per_weight(prec, in_features)
         note = ""
+        mixture = backend.language_bits(prec, shape) if name == "language" else None
+        if mixture:
+            bits, note = mixture
         keep8 = backend.int8_projections() if name == "language" and prec == "int4" else []
         share = shape.language_share(keep8) if keep8 else 0.0
         if share:

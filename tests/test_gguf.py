@@ -248,6 +248,30 @@ def test_q4_k_m_writes_real_q4_k(llama256_dir, tmp_path):
     assert m.parity["kld_mean"] < 0.05
 
 
+@pytest.mark.parametrize("hidden", [64, 256])
+def test_plan_sizes_match_what_llama_cpp_quantized(hidden, tmp_path):
+    """The plan's GGUF bits per weight follow llama.cpp's own Q4_K_M: Q6_K attn_v / ffn_down in its
+    use_more_bits layers, and Q5_0 / Q8_0 for rows K-quants cannot hold (64 wide; 256 are fine)."""
+    _llama_cpp()
+    from edgemed.models.tiny import build_tiny
+    from edgemed.pipeline import compress, resolve
+    from edgemed.plan import plan
+
+    model = build_tiny("llama", tmp_path / "m", seed=0, hidden_size=hidden, intermediate_size=512,
+                       num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=8)
+    out = tmp_path / "q4"
+    compress(str(model), ["q4_k_m"], "cpu-x86-avx2", out)
+    r = gguf.GGUFReader(out / "model-q4_k_m.gguf")
+    blk = [t for t in r.tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    actual = sum(int(t.n_bytes) for t in blk) * 8 / sum(int(t.n_elements) for t in blk)
+    if hidden == 64:  # the fallback is what llama.cpp wrote
+        assert {t.tensor_type.name for t in blk} >= {"Q5_0", "Q4_K", "Q6_K"}
+    p = plan(str(model), *resolve(["q4_k_m"], "cpu-x86-avx2")).components
+    assert p["language"].bits_per_weight == pytest.approx(actual, rel=0.01)
+    embd = next(t for t in r.tensors if t.name == "token_embd.weight")
+    assert p["embed"].bits_per_weight == pytest.approx(int(embd.n_bytes) * 8 / int(embd.n_elements), rel=0.01)
+
+
 def test_imatrix_changes_quantized_weights(loaded, tmp_path, llama256_dir):
     _llama_cpp()
     from edgemed.formats.gguf.language import write_language_gguf

@@ -112,7 +112,7 @@ def test_plan_offers_low_memory_and_checks_the_host(tmp_path, capsys):
     rc = main(["plan", src, "--recipe", "q4_k_m", "--target", "jetson-agx-orin-64gb", "--host-memory-gb", "12",
                "--low-memory", "--json"])
     out = capsys.readouterr().out
-    assert rc == 0 and json.JSONDecoder().raw_decode(out)[0]["host"]["feasible"] is True
+    assert rc == 0 and json.loads(out)["host"]["feasible"] is True
     rc = main(["plan", src, "--recipe", "int4", "--low-memory"])
     assert rc == 2 and "cannot run with --low-memory" in capsys.readouterr().err
 

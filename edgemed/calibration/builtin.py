@@ -48,3 +48,35 @@ QDQ_CALIBRATION_PROMPTS = (
     "Are there signs of pneumothorax?",
     "Summarize the findings of this image.",
 )
+
+
+# Sequence-level distillation (distill `data: parent`): the parent writes its own answers to
+# task x topic prompts; recovery trains on them. Held-out topics never reach training: the
+# distill step's KLD-vs-steps curve is measured on the parent's answers to those.
+DISTILL_TASKS = (
+    "Explain {t} to a medical student.",
+    "What are the typical imaging findings of {t}?",
+    "Write the impression section of a radiology report for a patient with {t}.",
+    "List the differential diagnosis to consider for {t}.",
+    "How is {t} usually treated?",
+    "Summarize the key facts about {t} in three sentences.",
+    "What complications can follow {t}?",
+    "Write a patient-friendly explanation of {t}.",
+    "Which questions should a clinician ask a patient with suspected {t}?",
+    "Which laboratory tests and imaging help to diagnose {t}?",
+    "Describe the anatomy and physiology behind {t}.",
+    "Write a short case vignette of a patient with {t}.",
+)
+DISTILL_TOPICS = (
+    "pneumonia", "pleural effusion", "pneumothorax", "cardiomegaly", "pulmonary embolism", "a solitary lung nodule",
+    "tuberculosis", "COPD", "asthma", "congestive heart failure", "atelectasis", "rib fractures", "aortic dissection",
+    "appendicitis", "kidney stones", "ischemic stroke", "glioblastoma", "multiple sclerosis",
+    "osteoarthritis of the knee", "osteoporosis", "breast cancer screening", "type 2 diabetes", "hypertension", "sepsis", "liver cirrhosis",
+    "acute pancreatitis", "COVID-19 pneumonia", "sarcoidosis", "pulmonary fibrosis", "small bowel obstruction",
+    "photosynthesis", "the water cycle", "how a bicycle works", "baking bread", "the phases of the moon",
+    "volcanoes", "a train journey through the mountains", "how vaccines were discovered",
+)
+DISTILL_HELDOUT_TOPICS = (
+    "hip fracture", "bacterial meningitis", "deep vein thrombosis", "infective endocarditis", "thyroid nodules",
+    "a lighthouse keeper's day", "ocean tides",
+)

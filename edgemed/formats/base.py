@@ -83,6 +83,11 @@ class FormatBackend:
             return 4.5
         return PRECISION_BITS[precision]
 
+    def language_bits(self, precision: str, shape) -> tuple[float, str] | None:
+        """The language model's bits per weight where the backend stores its matrices in a mixture
+        (bits, note), or None: every matrix at `bits_per_weight`."""
+        return None
+
     def int8_projections(self) -> list[str]:
         """Language projections kept at int8 in an int4 model (name substrings); none by default."""
         return []

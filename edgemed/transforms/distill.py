@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from typing import TYPE_CHECKING, Literal
@@ -44,6 +45,22 @@ class DistillArgs(StepArgs):
     train: Literal["blocks", "ffn"] = "blocks"
     checkpoint_every: int = Field(25, ge=1)
     seed: int = 0
+    # What the student trains on. calibration: the recipe's calibration set (prompt + reference answer,
+    # the image for a VLM). parent: answers the parent samples to built-in task x topic prompts
+    # (sequence-level KD, kd_data.py); a VLM also keeps the calibration set's image turns.
+    data: Literal["calibration", "parent"] = "calibration"
+    parent_samples: int = Field(256, ge=1, le=100_000)
+    parent_tokens: int = Field(128, ge=8, le=4096)
+    parent_temperature: float = Field(1.0, gt=0, le=10)
+    parent_top_p: float = Field(0.95, gt=0, le=1)
+    # The KLD-vs-steps curve, on the parent's answers to held-out topics: every `eval_every` steps (0: none).
+    eval_every: int = Field(0, ge=0)
+    eval_samples: int = Field(8, ge=1, le=1000)
+
+
+# Args that do not change what a resumed run trains on: a run continues from a checkpoint written
+# with other values (e.g. more steps after a curve that has not flattened).
+_RESUMABLE_ACROSS = ("steps", "checkpoint_every", "eval_every", "eval_samples")
 
 
 def _cache_dir():
@@ -72,6 +89,7 @@ class Distill(Step):
         from edgemed.reference.metrics import compare_logits
         from edgemed.calibration.samples import calibration_set
         from edgemed.reference.parent import parity_prompt_logits
+        from edgemed.transforms.kd_data import heldout_kld
 
         a = self.args
         cm = ctx.cm
@@ -88,7 +106,8 @@ class Distill(Step):
         before = compare_logits(ref, np.concatenate(parity_prompt_logits(cm)))
         calib = calibration_set(cm, ctx.recipe.calibration, "multimodal" if cm.multimodal else "text",
                                 a.calibration_count)
-        samples = self._encode(cm, calib)
+        ckpt = _cache_dir() / f"{self._key(cm, ctx)}.pt"
+        samples, heldout = self._data(cm, ctx, calib)
         params = self._trainable(lm)
         for p in cm.model.parameters():
             p.requires_grad_(False)
@@ -97,10 +116,11 @@ class Distill(Step):
         # Sparsity from prune-sparse stays: zeros are re-applied after every update.
         masks = ([(p, p != 0) for p in params if p.dim() == 2] if ctx.runtime.get("sparsity") else [])
         opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / max(1, a.steps // 10)) * 0.5 * (1 + np.cos(np.pi * s / a.steps)))
-        ckpt = _cache_dir() / f"{self._key(cm, ctx)}.pt"
-        step, losses = 0, []
+        # Linear warm-up over a tenth of the steps, then cosine to 0 (python floats: the scheduler's state
+        # is checkpointed and torch.load(weights_only=True) refuses numpy scalars).
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a.steps // 10))
+                                                  * 0.5 * (1 + math.cos(math.pi * min(s, a.steps) / a.steps)))
+        step, losses, curve, spent = 0, [], [], 0.0
         if ckpt.is_file():
             state = torch.load(ckpt, weights_only=True)
             with torch.no_grad():
@@ -108,15 +128,25 @@ class Distill(Step):
                     p.copy_(v)
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
-            step, losses = int(state["step"]), list(state["losses"])
+            step, losses, curve = int(state["step"]), list(state["losses"]), list(state.get("curve", []))
+            spent = float(state.get("seconds", 0.0))
             ctx.notes.append(f"distill: resumed from step {step} ({ckpt})")
         rng = np.random.default_rng(a.seed)
         order = [rng.permutation(len(samples)) for _ in range((a.steps * a.batch) // len(samples) + 1)]
         order = np.concatenate(order)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() - spent  # seconds count across resumed runs
         cm.model.train()
         bar = tqdm(total=a.steps, initial=step, desc="distill (KD from the parent)", disable=None)
+
+        def point() -> None:  # one point of the KLD-vs-steps curve
+            if heldout and (not curve or curve[-1]["step"] != step):
+                curve.append({"step": step, "kd_loss": float(np.mean(losses[-a.eval_every:])) if losses else None,
+                              "seconds": round(time.perf_counter() - t0, 1),
+                              **heldout_kld(ctx.teacher, cm.model, cm, heldout)})
+
         try:
+            if step == 0:
+                point()
             while step < a.steps:
                 opt.zero_grad(set_to_none=True)
                 total = 0.0
@@ -134,11 +164,15 @@ class Distill(Step):
                 losses.append(total)
                 bar.update(1)
                 bar.set_postfix(kd=f"{total:.4f}")
+                if a.eval_every and (step % a.eval_every == 0 or step == a.steps):
+                    point()
+                    bar.set_postfix(kd=f"{total:.4f}", heldout_kld=f"{curve[-1]['kld_mean']:.4f}")
                 if step % a.checkpoint_every == 0 and step < a.steps:
                     ckpt.parent.mkdir(parents=True, exist_ok=True)
                     tmp = ckpt.with_suffix(".tmp")
                     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict(),
-                                "sched": sched.state_dict(), "step": step, "losses": losses}, tmp)
+                                "sched": sched.state_dict(), "step": step, "losses": losses, "curve": curve,
+                                "seconds": time.perf_counter() - t0}, tmp)
                     os.replace(tmp, ckpt)
         finally:
             bar.close()
@@ -158,6 +192,9 @@ class Distill(Step):
             "kld_vs_parent_before": before, "kld_vs_parent_after": after,
             "sparsity_kept": bool(masks),
             "calibration": calib.record(),
+            "data": self._data_record(samples, heldout),
+            # KLD against the teacher on its own answers to held-out topics, every eval_every steps
+            "curve": curve,
         }
         ctx.notes.append(f"distill: {a.steps} steps; KLD vs the untransformed parent {before['kld_mean']:.4g} -> "
                          f"{after['kld_mean']:.4g}")
@@ -193,7 +230,59 @@ class Distill(Step):
         s_logp = torch.log_softmax(s_logits, -1)
         return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean() * temperature ** 2
 
+    def _data(self, cm, ctx, calib) -> tuple[list, list[np.ndarray]]:
+        """The training samples and the held-out sequences of the curve (none when eval_every is 0)."""
+        from edgemed.transforms.kd_data import cached_sequences, distill_prompts, generate
+
+        a = self.args
+        if a.data == "calibration":
+            samples = self._encode(cm, calib)
+        else:
+            ctx.progress(f"distill: the parent writes {a.parent_samples} answers of up to {a.parent_tokens} tokens")
+            seqs = cached_sequences(_cache_dir() / f"{self._data_key(cm, 'train')}.json", lambda: generate(
+                cm, ctx.teacher, distill_prompts(a.parent_samples, a.seed), a.parent_tokens, a.parent_temperature,
+                a.parent_top_p, a.seed, progress=ctx.progress))
+            samples = [(s, None) for s in seqs] + (self._encode(cm, calib) if cm.multimodal else [])
+        heldout = []
+        if a.eval_every:
+            heldout = cached_sequences(_cache_dir() / f"{self._data_key(cm, 'heldout')}.json", lambda: generate(
+                cm, ctx.teacher, distill_prompts(a.eval_samples, a.seed, heldout=True), a.parent_tokens,
+                a.parent_temperature, a.parent_top_p, a.seed + 1))
+        return samples, heldout
+
+    def _data_record(self, samples, heldout) -> dict:
+        a = self.args
+        rec = {"kind": a.data, "samples": len(samples), "heldout_sequences": len(heldout),
+               "heldout_positions": int(sum(len(s) for s in heldout))}
+        if a.data == "parent":
+            from edgemed.calibration.builtin import DISTILL_HELDOUT_TOPICS, DISTILL_TASKS, DISTILL_TOPICS
+
+            rec.update(prompts=f"{len(DISTILL_TASKS)} tasks x {len(DISTILL_TOPICS)} topics (calibration/builtin.py), "
+                               f"held out: {len(DISTILL_HELDOUT_TOPICS)} other topics",
+                       sampling={"temperature": a.parent_temperature, "top_p": a.parent_top_p,
+                                 "max_new_tokens": a.parent_tokens, "seed": a.seed})
+        return rec
+
+    def _data_key(self, cm, part: str) -> str:
+        """The parent's answers depend on the parent and the sampling args only: recipes that distil
+        the same parent (prune-width-25, moe-8x-top2) share them (kept under EDGEMED_HOME/distill; a
+        changed weight file is a new key)."""
+        from pathlib import Path
+
+        a = self.args
+        src = Path(str(cm.source))
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in src.glob("*.safetensors")) \
+            if src.is_dir() else []
+        blob = json.dumps({"source": str(cm.source), "files": files, "tokens": a.parent_tokens,
+                           "t": a.parent_temperature, "p": a.parent_top_p, "seed": a.seed,
+                           "count": a.eval_samples if part == "heldout" else a.parent_samples}, sort_keys=True)
+        return f"parent-{part}-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
     def _key(self, cm, ctx) -> str:
-        blob = json.dumps({"source": str(cm.source), "recipe": ctx.recipe.model_dump(mode="json")}, sort_keys=True,
-                          default=str)
+        recipe = ctx.recipe.model_dump(mode="json")
+        for spec in recipe.get("steps", []):
+            if spec.get("step") == self.name:
+                for k in _RESUMABLE_ACROSS:
+                    (spec.get("args") or {}).pop(k, None)
+        blob = json.dumps({"source": str(cm.source), "recipe": recipe}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
