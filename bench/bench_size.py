@@ -32,9 +32,14 @@ NOT_WEIGHTS = {"support", "imatrix", "reference", "calibration", "trt-profiles",
 GOAL = 0.32
 
 
-def fp16_bytes(components: dict) -> int:
-    """2 bytes per parameter, a tied lm_head counted once (plan's component records)."""
-    return sum(2 * c["params"] for name, c in components.items()
+def fp16_bytes(model: str, target: str) -> int:
+    """2 bytes per parameter, a tied lm_head counted once: from the plan of a GGUF recipe (GGUF
+    stores a tied table once and the plan notes it; ONNX graphs hold the lm_head as its own tensor)."""
+    from edgemed.pipeline import resolve
+    from edgemed.plan import plan
+
+    comps = plan(model, *resolve(["q8_0"], target), host_memory_gb=1024).to_dict()["components"]
+    return sum(2 * c["params"] for name, c in comps.items()
                if not (name == "lm_head" and "tied" in (c.get("note") or "")))
 
 
@@ -69,7 +74,7 @@ def demo_row(recipe: str, recipe_arg: str, work: Path, target: str) -> dict:
     m = json.loads((out / "manifest.json").read_text())
     weights = {f["path"]: f["bytes"] for f in m["files"] if f.get("component") not in NOT_WEIGHTS}
     p = plan(resolve_model("edgemed-demo-cxr"), *resolve([recipe_arg], target)).to_dict()
-    fp16 = fp16_bytes(p["components"])
+    fp16 = fp16_bytes(resolve_model("edgemed-demo-cxr"), target)
     total = sum(weights.values())
     return {"model": "edgemed-demo-cxr", "recipe": recipe, "target": target, "measured": True,
             "artifact_bytes": total, "weight_files": weights, "planned_bytes": round(p["artifact_mb"] * 1e6),
@@ -83,7 +88,7 @@ def plan_row(model: str, recipe: str, target: str) -> dict:
     from edgemed.plan import plan
 
     p = plan(model, *resolve([recipe], target), host_memory_gb=1024).to_dict()
-    fp16 = fp16_bytes(p["components"])
+    fp16 = fp16_bytes(model, target)
     art = round(p["artifact_mb"] * 1e6)
     return {"model": Path(model).name, "recipe": recipe, "target": target, "measured": False,
             "artifact_bytes": art, "fp16_bytes": fp16, "ratio_vs_fp16": art / fp16,
