@@ -74,7 +74,9 @@ def override_recipe(name: str, overrides: dict, work: Path) -> Path | str:
     for spec in r["steps"]:
         if spec["step"] == "distill":
             spec["args"] = {**spec.get("args", {}), **overrides}
-    tag = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+    # The name leaves out what a distill checkpoint resumes across (more steps continue a run).
+    same = {k: v for k, v in overrides.items() if k not in ("steps", "eval_every", "checkpoint_every")}
+    tag = hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
     out = work / f"{name}-kd{tag}.yaml"
     out.write_text(yaml.safe_dump({**r, "name": f"{name}-kd{tag}"}))
     return out
@@ -180,7 +182,9 @@ def main() -> None:
             contenders.append((f"{t} (no KD) + {args.quant}", [no_kd_recipe(t, args.work), args.quant],
                                args.work / f"{tag}-{t}-nokd-{args.quant}"))
         r = override_recipe(t, overrides, args.work)
-        contenders.append((f"{t} + {args.quant}", [r, args.quant], args.work / f"{tag}-{Path(str(r)).stem}-{args.quant}"))
+        steps = f"-s{overrides['steps']}" if "steps" in overrides else ""
+        contenders.append((f"{t} + {args.quant}", [r, args.quant],
+                           args.work / f"{tag}-{Path(str(r)).stem}{steps}-{args.quant}"))
     manifests = {name: build(model, recipes, out, args.target) for name, recipes, out in contenders}
 
     from tokenizers import Tokenizer

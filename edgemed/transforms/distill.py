@@ -6,7 +6,8 @@ calibration set (prompt + answer, the image for a VLM) the student's next-token 
 pulled towards the teacher's at every position: KL(teacher || student) at temperature T, the
 objective Minitron and MoE upcycling recipes recover with. Full fine-tuning of the decoder blocks
 (or only the FFNs / experts), AdamW, gradient accumulation over `batch` samples: CPU-feasible for
-language models up to a few hundred million parameters (SmolLM2-135M: ~1 s per sample on 2 cores).
+language models up to a few hundred million parameters (SmolLM2-135M: ~1.7 s per 160-token
+sequence on 2 cores).
 
 Resumable: the trainable weights, optimizer state and step are checkpointed every
 `checkpoint_every` steps under EDGEMED_HOME/distill/<key>.pt (key = model source + recipe), and a
