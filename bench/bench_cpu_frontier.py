@@ -158,8 +158,9 @@ class Edgemed:
                 pass  # still measured; the verdict is in the manifest
         m = json.loads((out / "manifest.json").read_text())
         gguf = m["format"] == "gguf"
-        self.timed = edgemed.runtime.load(out, device="cpu", **({"kv_f32": False} if gguf else {}))
-        self.exact = edgemed.runtime.load(out, device="cpu") if gguf else self.timed
+        kw = {"device": "cpu", "allow_rejected": True}  # a gate's verdict is data here, not a reason to stop
+        self.timed = edgemed.runtime.load(out, **kw, **({"kv_f32": False} if gguf else {}))
+        self.exact = edgemed.runtime.load(out, **kw) if gguf else self.timed
         self.name, self.new_tokens = f"edgemed {label} ({m['format']})", new_tokens
         self.mb, self.status, self.format = base.dir_mb(out), m["status"], m["format"]
 

@@ -201,7 +201,7 @@ def main() -> None:
 
     rows = []
     for name, _, out in contenders:
-        s = edgemed.runtime.load(out, **threads(name))
+        s = edgemed.runtime.load(out, **threads(name), allow_rejected=True)  # a gate verdict is data here
         child = [s.logits(w) for w in windows]
         row = {"name": name, "artifact": str(out), "mb": dir_mb(out), **lm_params(manifests[name]),
                **kld_stats(ref, child), "status": manifests[name]["status"],
@@ -221,7 +221,7 @@ def main() -> None:
     timed = []
     for name, _, out in contenders:
         extra = {"kv_f32": False} if manifests[name]["format"] == "gguf" else {}
-        timed.append(edgemed.runtime.load(out, **threads(name), **extra))
+        timed.append(edgemed.runtime.load(out, **threads(name), **extra, allow_rejected=True))
     rates: list[list[float]] = [[] for _ in timed]
     for s in timed:  # warm-up
         s.generate(prompt=PROMPT, max_new_tokens=args.new_tokens, stop_at_eos=False)
