@@ -55,8 +55,12 @@ def _tiny_graph(path, k=128, n=64, vocab=96):
 def _run(path, x):
     import onnxruntime as ort
 
+    from edgemed.formats.tensorrt.session import QDQ_AS_TENSORRT
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    for key, value in QDQ_AS_TENSORRT.items():  # as QdqOnnxSession runs it: TensorRT's exact int8 math
+        opts.add_session_config_entry(key, value)
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=["QDQPropagationTransformer"])
     return sess.run(None, {"x": x})[0]
@@ -383,6 +387,8 @@ def _fake_tensorrt():
 
     import onnxruntime as ort
 
+    from edgemed.formats.tensorrt.session import QDQ_AS_TENSORRT
+
     trt = types.ModuleType("tensorrt")
     trt.__version__ = "10.0.0-fake"
     log = {"flags": [], "profiles": [], "switches": [], "workspace": [], "runs": [], "copies": []}
@@ -465,6 +471,8 @@ def _fake_tensorrt():
             spec = json.loads(blob)
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            for key, value in QDQ_AS_TENSORRT.items():  # the engine's exact int8 math, as the CPU session does
+                opts.add_session_config_entry(key, value)
             self.sess = ort.InferenceSession(spec["onnx"], opts, disabled_optimizers=["QDQPropagationTransformer"])
             self.num_optimization_profiles = spec["profiles"]
             self.ins = {i.name: np.dtype(dtypes[i.type]) for i in self.sess.get_inputs()}

@@ -32,7 +32,7 @@ def _trt_ep_cache(path: Path, manifest: "Manifest") -> str:
 class OnnxSession(PromptAndPixels, GreedyGeneration):
     def __init__(self, path: Path, manifest: "Manifest", providers: list | None = None,
                  intra_op_threads: int | None = None, disabled_optimizers: list[str] | None = None,
-                 device: DeviceChoice | None = None):
+                 device: DeviceChoice | None = None, session_config: dict[str, str] | None = None):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -45,6 +45,8 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
         opts.log_severity_level = 3
+        for key, value in (session_config or {}).items():
+            opts.add_session_config_entry(key, value)
         self.device = device or DeviceChoice("cpu", "cpu", "the session's default")
         # Where the KV cache lives between steps: on the GPU with CUDA (IOBinding keeps it there; only
         # the logits come back to the host), in host memory on the CPU. Same code path on both.
