@@ -120,6 +120,34 @@ def llama_cpp_own(parent: Path, work: Path, types: list[str]) -> dict[str, Path]
     return out
 
 
+def contender_adder(contenders: list, errors: list):
+    """add(label, make): make() a contender into `contenders`, or record why it failed in `errors`."""
+
+    def add(label: str, make):
+        try:
+            contenders.append(make())
+            print(f"ready: {contenders[-1].name}", flush=True)
+        except Exception as e:  # one broken contender must not hide the others' numbers
+            errors.append({"name": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            print(f"failed: {label}: {errors[-1]['error']}", flush=True)
+
+    return add
+
+
+def interleaved_rates(contenders: list, rounds: int, new_tokens: int) -> dict[str, list[float]]:
+    """Decode tok/s of every contender per round: one warm-up each, then `rounds` rounds in a rotating order."""
+    print(f"timing: 1 warm-up + {rounds} interleaved rounds x {new_tokens} tokens", flush=True)
+    for c in contenders:
+        c.once()
+    rates: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for k in range(rounds):
+        order = contenders[k % len(contenders):] + contenders[:k % len(contenders)]
+        for c in order:
+            rates[c.name].append(base.decode_rate(c.once()))
+        print(f"round {k + 1}/{rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+    return rates
+
+
 # --- contenders: once() -> token times for one greedy run; logits(window) -> [S, V] ---------------
 
 class Parent:
@@ -292,14 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parent: {parent_dir}", flush=True)
 
     contenders, errors = [], []
-
-    def add(label: str, make):
-        try:
-            contenders.append(make())
-            print(f"ready: {contenders[-1].name}", flush=True)
-        except Exception as e:  # one broken contender must not hide the others' numbers
-            errors.append({"name": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            print(f"failed: {label}: {errors[-1]['error']}", flush=True)
+    add = contender_adder(contenders, errors)
 
     parent = Parent(parent_dir, args.new_tokens)
     contenders.append(parent)
@@ -327,15 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             fidelity[c.name] = {"fidelity_error": f"{type(e).__name__}: {str(e)[:300]}"}
 
-    print(f"timing: 1 warm-up + {args.rounds} interleaved rounds x {args.new_tokens} tokens", flush=True)
-    for c in contenders:
-        c.once()
-    rates: dict[str, list[float]] = {c.name: [] for c in contenders}
-    for k in range(args.rounds):
-        order = contenders[k % len(contenders):] + contenders[:k % len(contenders)]
-        for c in order:
-            rates[c.name].append(base.decode_rate(c.once()))
-        print(f"round {k + 1}/{args.rounds}", flush=True)
+    rates = interleaved_rates(contenders, args.rounds, args.new_tokens)
 
     rows = []
     for c in contenders:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_cpu_frontier as frontier  # noqa: E402  (contenders, llama.cpp's own pipeline, host facts)
 import bench_memory  # noqa: E402  (the TinyLlama-shape checkpoint)
-import bench_smollm2 as base  # noqa: E402  (decode_rate)
+import bench_smollm2 as base  # noqa: E402  (the prompt)
 
 GOAL_FRACTION = 0.85
 
@@ -242,14 +242,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{bandwidth['gb_s_1_thread']:.1f} GB/s (1)", flush=True)
 
     contenders, errors = [], []
-
-    def add(label: str, make):
-        try:
-            contenders.append(make())
-            print(f"ready: {contenders[-1].name}", flush=True)
-        except Exception as e:  # one broken contender must not hide the others' numbers
-            errors.append({"name": label, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            print(f"failed: {label}: {errors[-1]['error']}", flush=True)
+    add = frontier.contender_adder(contenders, errors)
 
     from transformers import AutoTokenizer
 
@@ -281,15 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     if "genai" not in args.skip and importlib.util.find_spec("onnxruntime_genai"):
         add("onnxruntime-genai builder int4", lambda: GenaiBuilder(parent, work, "int4", args.new_tokens))
 
-    print(f"timing: 1 warm-up + {args.rounds} interleaved rounds x {args.new_tokens} tokens", flush=True)
-    for c in contenders:
-        c.once()
-    rates: dict[str, list[float]] = {c.name: [] for c in contenders}
-    for k in range(args.rounds):
-        order = contenders[k % len(contenders):] + contenders[:k % len(contenders)]
-        for c in order:
-            rates[c.name].append(base.decode_rate(c.once()))
-        print(f"round {k + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:.1f}" for n, v in rates.items()), flush=True)
+    rates = frontier.interleaved_rates(contenders, args.rounds, args.new_tokens)
 
     rows = []
     for c in contenders:

@@ -74,10 +74,11 @@ def open_tensorrt(path: Path, manifest: "Manifest", backend: str = "auto", devic
 # TensorRT multiplies the int8 values exactly (int32 accumulation), which is float math on the
 # dequantized tensors. ONNX Runtime would fuse Q/DQ + MatMul into its own int8 kernels, and on a CPU
 # without VNNI (AVX2) those shift s8 activations to u8 and pair them in VPMADDUBSW, whose int16 sums
-# saturate: parity measured there was the CPU kernel's error, not the artifact's (Gemma 3 replica on
-# an AVX2 EPYC: KLD 1.8e-3 and top-1 0.15 fused, 1.4e-5 and 0.83 unfused). Unfused (DequantizeLinear
-# then a float MatMul), every host computes what the engine will; slower on a CPU, where this session
-# is the stand-in for parity, not the deployment.
+# saturate (ONNX Runtime's quantization guide, docs/performance/model-optimizations/quantization.md, on
+# reduce_range and U8U8 for non-VNNI CPUs): parity measured there was the CPU kernel's error, not the
+# artifact's (Gemma 3 replica on an AVX2 EPYC: KLD 1.8e-3 and top-1 0.15 fused, 1.4e-5 and 0.83
+# unfused). Unfused (DequantizeLinear then a float MatMul), every host computes what the engine will;
+# slower on a CPU, where this session is the stand-in for parity, not the deployment.
 QDQ_AS_TENSORRT = {"session.disable_quant_qdq": "1"}
 
 
