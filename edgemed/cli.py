@@ -49,7 +49,7 @@ def compress(
     host_memory_gb: Optional[float] = typer.Option(
         None, "--host-memory-gb", help="RAM the plan checks compress against (default: this machine's available memory)."),
     low_memory: bool = typer.Option(
-        False, "--low-memory", help="Leave the weights on disk and read one tensor at a time (GGUF recipes): "
+        False, "--low-memory", help="Leave the weights on disk and read one tensor at a time (GGUF; ONNX int4/int8): "
                                     "memory of the largest tensor instead of the whole model in fp32."),
 ):
     """Compress MODEL with the recipe(s) for the target into an artifact folder with manifest.json."""

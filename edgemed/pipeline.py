@@ -154,13 +154,12 @@ def compress(
         log.warning("removed %s: the temporary folder of an earlier run into %s that was killed", p.name, output)
     source = resolve_model(model, progress=say)
     if low_memory:
-        from edgemed.plan import streaming_refusal
+        from edgemed.plan import LOW_MEMORY_FIX, streaming_refusal
 
-        if why := streaming_refusal(recipe):
+        if why := streaming_refusal(recipe, tgt):
             from edgemed.errors import BadInputError
 
-            raise BadInputError(f"recipe {recipe.name}", f"cannot run with --low-memory: {why}",
-                                "use a GGUF recipe (q4_k_m, q8_0, ...) with --low-memory, or compress without it")
+            raise BadInputError(f"recipe {recipe.name}", f"cannot run with --low-memory: {why}", LOW_MEMORY_FIX)
     plan_dict = None
     if not skip_plan:
         from edgemed.plan import check_feasible, plan
@@ -221,13 +220,10 @@ def compress(
             runtime=ctx.runtime,
             notes=ctx.notes,
         )
-        # --low-memory recipes are GGUF (Step.streams): read the weights once rather than mapping
-        # the file beside llama.cpp's repacked copy (GgufSession's use_mmap), with a KV cache the
-        # parity prompts and gate suite fit in rather than the default 4096 tokens (1 GB at 7B).
         from edgemed.plan import LOW_MEMORY_PARITY_CONTEXT
 
-        session = open_session(tmp, manifest, **({"use_mmap": False, "n_ctx": LOW_MEMORY_PARITY_CONTEXT}
-                                                 if low_memory else {}))
+        session = open_session(tmp, manifest, **(backend_for(recipe, tgt).low_memory_session_kwargs(
+            LOW_MEMORY_PARITY_CONTEXT) if low_memory else {}))
         parity = check_parity(cm, session, original=original, parent=parent_refs)
         manifest.parity = parity
         if not all(np.isfinite(parity[k]) for k in ("kld_mean", "logits_max_abs_diff")):

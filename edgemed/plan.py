@@ -24,7 +24,7 @@ from edgemed.formats.base import RUNTIME_OVERHEAD_FIXED_BYTES, backend_for
 from edgemed.recipe import COMPONENTS, PRECISION_BITS, Recipe
 from edgemed.target import Target
 from edgemed.plan_host import (HOST_MARGIN_FRACTION, HOST_PROCESS_BYTES, HOST_STREAM_FACTOR,  # noqa: F401
-                               LOW_MEMORY_PARITY_CONTEXT, STREAM_PART, HostEstimate, _host_check,
+                               LOW_MEMORY_FIX, LOW_MEMORY_PARITY_CONTEXT, STREAM_PART, HostEstimate, _host_check,
                                host_memory_available, streaming_refusal)
 
 # Activations, the runtime's arena and fragmentation grow with the model (largest matmul
@@ -145,9 +145,8 @@ def plan(model_source: str, recipe: Recipe, target: Target, context_tokens: int 
     the weights on disk (`--low-memory`, edgemed.models.streamed); a recipe that cannot is refused."""
     from edgemed.models import adapter_for, load_config
 
-    if low_memory and (why := streaming_refusal(recipe)):
-        raise BadInputError(f"recipe {recipe.name}", f"cannot run with --low-memory: {why}",
-                            "use a GGUF recipe (q4_k_m, q8_0, ...) with --low-memory, or compress without it")
+    if low_memory and (why := streaming_refusal(recipe, target)):
+        raise BadInputError(f"recipe {recipe.name}", f"cannot run with --low-memory: {why}", LOW_MEMORY_FIX)
 
     config = load_config(model_source, vision_tower=vision_tower)
     adapter = adapter_for(config, model_source)
@@ -418,12 +417,12 @@ def _host_fixes(shape: _ModelShape, recipe: Recipe, target: Target, parent_param
         if r.name == recipe.name or r.format is None:
             continue
         alt = host_estimate(shape, r, target, parent_params, host.memory_bytes / GB,
-                            low_memory=streaming_refusal(r) is None, teacher_streams=teacher_streams)
+                            low_memory=streaming_refusal(r, target) is None, teacher_streams=teacher_streams)
         if alt.peak_ram_bytes <= host.memory_bytes * (1 - HOST_MARGIN_FRACTION) and \
                 _estimate(shape, r, target, DEFAULT_CONTEXT_TOKENS, "").feasible:
-            flag = " --low-memory" if streaming_refusal(r) is None else ""
+            flag = " --low-memory" if streaming_refusal(r, target) is None else ""
             fits.append((alt.peak_ram_bytes, f"--recipe {r.name}{flag} ({alt.peak_ram_bytes / GB:.1f} GB)"))
-    if streaming_refusal(recipe) is None and "parent (fp32)" in host.parts:
+    if streaming_refusal(recipe, target) is None and "parent (fp32)" in host.parts:
         low = host_estimate(shape, recipe, target, parent_params, host.memory_bytes / GB, low_memory=True)
         if low.peak_ram_bytes <= host.memory_bytes * (1 - HOST_MARGIN_FRACTION):
             fixes.append(f"--low-memory: the weights stay on disk, read one tensor at a time "

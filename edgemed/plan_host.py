@@ -44,6 +44,8 @@ HOST_MARGIN_FRACTION = 0.05
 HOST_STREAM_FACTOR = 2.0
 # The context of compress --low-memory's parity session (the parity prompts and gate suite fit).
 LOW_MEMORY_PARITY_CONTEXT = 2048
+LOW_MEMORY_FIX = ("use a recipe that streams (GGUF: q4_k_m, q8_0, ...; ONNX: int4, int4-fast, int8, int8-mse) "
+                  "with --low-memory, or compress without it")
 STREAM_PART = "streamed parent (largest tensors) or the artifact and its KV cache in parity, the larger"
 
 
@@ -62,14 +64,17 @@ def host_memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     return min(available, int(cap) - used) if cap.isdigit() else available
 
 
-def streaming_refusal(recipe: Recipe) -> str | None:
+def streaming_refusal(recipe: Recipe, target=None) -> str | None:
     """Why this recipe cannot run with the weights left on disk (None: it can): a step must say it
-    reads weights only through the parent's forward and CompositeModel.weight_reader (Step.streams)."""
+    reads weights only through the parent's forward and CompositeModel.weight_reader (Step.streams),
+    and its arguments must not need the whole model (Step.stream_refusal)."""
     from edgemed.steps import STEPS
 
     for spec in recipe.steps:
         if not getattr(STEPS.get(spec.step), "streams", False):
             return f"its step {spec.step} needs the whole model in memory"
+        if why := spec.build().stream_refusal(target):
+            return f"its step {spec.step}: {why}"
     return None
 
 

@@ -52,6 +52,11 @@ class Step:
     def __init__(self, args: StepArgs):
         self.args = args
 
+    def stream_refusal(self, target=None) -> str | None:
+        """Why these arguments cannot run with the weights left on disk (None: they can); for a
+        step that `streams` except with some arguments. `target`: the resolved Target, where known."""
+        return None
+
     def run(self, ctx) -> None:  # ctx: edgemed.context.Context  # pragma: no cover - abstract
         raise NotImplementedError
 

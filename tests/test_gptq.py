@@ -137,3 +137,32 @@ def test_int8_mse_grid_beats_absmax_and_round_trips():
     rtn = (np.clip(np.rint(b / sr[:, None]), -127, 127) * sr[:, None]).reshape(256, 48)
     err = lambda x: (imp[:, None] * (x - w) ** 2).reshape(8, 32, 48).sum(1)  # noqa: E731
     assert (err(deq) <= err(rtn) * (1 + 1e-5)).all() and err(deq).sum() < 0.97 * err(rtn).sum()
+
+
+def test_parent_statistics_are_the_graph_probe_statistics(tiny_dir, tmp_path):
+    """The mse grids' importance (each MatMul input channel's mean square) taken from the parent's
+    Linear layers equals what a probe of the builder's fp32 graph measures, for every projection the
+    builder writes (fused qkv and gate/up included) and the lm_head: the name mapping is right."""
+    import onnx
+    import pytest
+
+    pytest.importorskip("onnxruntime_genai")
+    from edgemed.calibration.feeds import decoder_feeds
+    from edgemed.formats.onnx.genai_decoder import export_decoder_genai
+    from edgemed.formats.onnx.graph import DECODER, inputs_of
+    from edgemed.formats.onnx.int4.grids import ProbeStats
+    from edgemed.formats.onnx.parent_stats import ParentStats, builder_graph_mapped
+    from edgemed.models import load_model
+
+    cm = load_model(str(tiny_dir("llama")))
+    export_decoder_genai(cm, tmp_path)
+    model = onnx.load(str(tmp_path / DECODER))
+    assert builder_graph_mapped(cm, model)
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1]
+    assert any("qkv_proj" in n for n in matmuls) and "/lm_head/MatMul" in matmuls
+    feeds = decoder_feeds(cm, None, 4)
+    names = inputs_of(model, matmuls)
+    parent, probe = ParentStats(cm, feeds).mean_squares(model, names), ProbeStats(feeds).mean_squares(model, names)
+    assert set(parent) == set(probe) == set(names)
+    for name in names:
+        np.testing.assert_allclose(parent[name], probe[name], rtol=2e-4, err_msg=name)

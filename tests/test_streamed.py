@@ -45,31 +45,61 @@ def _hashes(manifest) -> dict[str, str]:
     return {f.path: f.sha256 for f in manifest.files}
 
 
-@pytest.mark.parametrize("family,recipe", [("llama", "q4_k_m"), ("llava-clip", "q8_0")])
-def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recipe):
-    """The GGUF files, the imatrix and the cached parent reference written from the streamed parent
-    equal those of the in-memory path byte for byte (not just within a tolerance)."""
-    pytest.importorskip("llama_cpp")
+@pytest.mark.parametrize("family,recipe", [("llama", "q4_k_m"), ("llava-clip", "q8_0"), ("llama", "int4"),
+                                           ("llava-clip", "int8-mse")])
+def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recipe, monkeypatch):
+    """The files written from the streamed parent (GGUF and its imatrix; ONNX graphs from the
+    builder fed tensor by tensor and quantized node by node with the parent's calibration
+    statistics; the cached parent reference) equal those of the in-memory path byte for byte."""
+    import onnx
+
     from edgemed.pipeline import compress
 
+    if recipe.startswith("q"):
+        pytest.importorskip("llama_cpp")
     src = str(tiny_dir(family))
     full = compress(src, [recipe], "cpu-x86-avx2", tmp_path / "full").manifest
+    real_load, whole = onnx.load, []
+
+    def load(f, *a, **k):  # a streamed compress reads no graph's weights whole
+        if k.get("load_external_data", True):
+            whole.append(str(f))
+        return real_load(f, *a, **k)
+
+    monkeypatch.setattr(onnx, "load", load)
     low = compress(src, [recipe], "cpu-x86-avx2", tmp_path / "low", low_memory=True).manifest
     hf, hl = _hashes(full), _hashes(low)
-    assert set(hf) == set(hl) and any(p.endswith(".gguf") for p in hf)
+    assert set(hf) == set(hl) and any(p.endswith((".gguf", ".onnx")) for p in hf)
     assert hf == hl
     assert low.parity["kld_mean"] == full.parity["kld_mean"]
     assert low.plan["host"]["weights"] == "on disk (--low-memory)" != full.plan["host"]["weights"]
     assert "process" in low.plan["host"]["parts_gb"] and "parent (fp32)" not in low.plan["host"]["parts_gb"]
     assert any("--low-memory" in n for n in low.notes) and not any("--low-memory" in n for n in full.notes)
+    # Only the small graphs (embedding table, vision tower) are quantized whole.
+    assert not [f for f in whole if "decoder" in Path(f).name or Path(f).name == "model.onnx"]
 
 
-def test_low_memory_refuses_a_recipe_that_needs_the_whole_model(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("family,recipe,why", [
+    ("llama", "int4-gptq", "gptq"),  # GPTQ's Hessians come from the whole fp32 graph
+    ("llama", "trt-int8", "trt-"),  # TensorRT's Q/DQ steps are not streamed
+])
+def test_low_memory_refuses_a_recipe_that_needs_the_whole_model(tiny_dir, tmp_path, capsys, family, recipe, why):
     out = tmp_path / "out"
-    rc = main(["compress", str(tiny_dir("llama")), "--recipe", "int8", "--low-memory", "--output", str(out)])
+    rc = main(["compress", str(tiny_dir(family)), "--recipe", recipe, "--low-memory", "--output", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "--low-memory" in err and "onnx-export" in err and "GGUF recipe" in err
+    assert rc == 2 and "--low-memory" in err and why in err and "recipe that streams" in err
     assert not out.exists()
+
+
+def test_low_memory_onnx_needs_the_builder(tiny_dir, tmp_path, capsys):
+    """Gemma 3's decoder attends bidirectionally over image tokens, which the onnxruntime-genai
+    builder cannot write: a streamed ONNX export is refused (exit 2, nothing left) rather than
+    traced whole by torch.onnx."""
+    out = tmp_path / "out"
+    rc = main(["compress", str(tiny_dir("gemma3")), "--recipe", "int4", "--low-memory", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "builder" in err and "without --low-memory" in err
+    assert not out.exists() and not list(tmp_path.glob(".*"))
 
 
 def test_low_memory_names_a_tensor_the_checkpoint_lacks(tiny_dir, tmp_path):
@@ -113,7 +143,7 @@ def test_plan_offers_low_memory_and_checks_the_host(tmp_path, capsys):
                "--low-memory", "--json"])
     out = capsys.readouterr().out
     assert rc == 0 and json.loads(out)["host"]["feasible"] is True
-    rc = main(["plan", src, "--recipe", "int4", "--low-memory"])
+    rc = main(["plan", src, "--recipe", "int4-gptq", "--low-memory"])
     assert rc == 2 and "cannot run with --low-memory" in capsys.readouterr().err
 
 
@@ -137,3 +167,29 @@ def test_distillation_teacher_is_read_from_disk(tiny_dir, tmp_path, monkeypatch)
     m = compress(str(tiny_dir("llama")), ["prune-width-25", "q8_0"], "cpu-x86-avx2", tmp_path / "out").manifest
     assert any(n.startswith("distill: the teacher (the model as loaded) is read from the checkpoint") for n in m.notes)
     assert m.plan["host"]["parts_gb"].get("teacher (distill, streamed from disk)") is not None
+
+
+def test_low_memory_onnx_past_the_protobuf_limit(tiny_dir, tmp_path, monkeypatch):
+    """Above protobuf's limit (lowered here to 0) the streamed graphs keep their weights in one
+    external-data file, written tensor by tensor at page-aligned offsets, that ONNX Runtime reads
+    and the artifact checks accept: the same tensors and parity as the in-memory artifact."""
+    import onnx
+
+    from edgemed.formats.onnx import graph
+    from edgemed.formats.onnx.external import ALIGN, external_info, read_array
+    from edgemed.pipeline import compress
+
+    monkeypatch.setattr(graph, "PROTO_LIMIT", 0)
+    src = str(tiny_dir("llama"))
+    full = compress(src, ["int4"], "cpu-x86-avx2", tmp_path / "full").manifest
+    low = compress(src, ["int4"], "cpu-x86-avx2", tmp_path / "low", low_memory=True).manifest
+    assert "onnx/model.onnx_data" in {f.path for f in low.files}  # the front ends' name (layout.move_graphs)
+    assert low.parity["kld_mean"] == full.parity["kld_mean"]
+    a = onnx.load(str(tmp_path / "full" / "onnx" / "model.onnx"))
+    b = onnx.load(str(tmp_path / "low" / "onnx" / "model.onnx"), load_external_data=False)
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    offsets = [int(external_info(t)["offset"]) for t in b.graph.initializer]
+    assert offsets and all(o % ALIGN == 0 for o in offsets)
+    ref = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    for t in b.graph.initializer:
+        assert np.array_equal(read_array(t, tmp_path / "low" / "onnx"), ref[t.name]), t.name

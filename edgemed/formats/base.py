@@ -150,6 +150,12 @@ class FormatBackend:
         return f"edgemed has no GPU runtime for {cls.name} artifacts"
 
     @classmethod
+    def low_memory_session_kwargs(cls, context_tokens: int) -> dict:
+        """open_session arguments for compress --low-memory's parity session (a KV cache of
+        `context_tokens`, no second resident copy of the weights), where the format has them."""
+        return {}
+
+    @classmethod
     def open_session(cls, path: "Path", manifest, **kwargs):
         """A runtime session for an artifact of this format (see edgemed.runtime.session); kwargs
         include device (an edgemed.runtime.device.DeviceChoice) when edgemed.runtime chose one."""

@@ -17,6 +17,7 @@ because it would first write an fp32 copy of a bf16 checkpoint to its offload fo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -81,6 +82,7 @@ class StreamedWeights:
         self.keys: dict[int, str] = {}  # id(placeholder parameter) -> checkpoint key
         self.resident = 0  # bytes of parameters loaded now (tests check that it returns to 0)
         self.peak_resident = 0
+        self.pinned = 0  # inside hold(): forwards leave the loaded weights in place
         placeholders: dict[int, Any] = {}
         names = tensors.model_names(model)
         missing = []
@@ -121,10 +123,28 @@ class StreamedWeights:
     def _drop(self, module, args, output):
         import torch
 
+        if self.pinned:
+            return
         for p in module.parameters(recurse=False):
             if p.dim() and p.stride() != (0,) * p.dim():
                 self.resident -= p.numel() * 4
                 p.data = torch.zeros((), dtype=torch.float32).expand(p.shape)
+
+    @contextlib.contextmanager
+    def hold(self, *modules):
+        """The weights of `modules` (and their children) loaded for the whole block, for work that
+        runs them as a whole rather than by forward hooks (torch.onnx tracing a vision tower)."""
+        loaded = [m for top in modules for m in top.modules() if any(True for _ in m.parameters(recurse=False))]
+        self.pinned += 1
+        try:
+            for m in loaded:
+                self._load(m, None)
+            yield
+        finally:
+            self.pinned -= 1
+            if not self.pinned:
+                for m in loaded:
+                    self._drop(m, None, None)
 
     def reader(self, param) -> Callable[[], np.ndarray] | None:
         """A loader of one parameter as float32 numpy (for writers that stream tensor by tensor)."""
@@ -142,8 +162,14 @@ def streamed_model(cls, config, files: list[Path], source: str):
     # Parameters on the meta device; buffers computed at construction (rotary frequencies, Gemma's
     # embedding scale) are real, as transformers' own from_pretrained builds them.
     _malloc_returns_big_blocks()
+    # from_config stamps its dtype on the sub-configs (text_config, vision_config), which
+    # from_pretrained leaves as the checkpoint said; the artifact's config.json is written from them.
+    subs = {k: getattr(config, k) for k in getattr(config, "sub_configs", {}) if getattr(config, k, None) is not None}
+    dtypes = {k: getattr(sub, "dtype", None) for k, sub in subs.items()}
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = cls.from_config(config) if hasattr(cls, "from_config") else cls._from_config(config)
+    for k, sub in subs.items():
+        sub.dtype = dtypes[k]
     model = model.eval()
     tensors = CheckpointTensors(files)
     tied = {}

@@ -60,6 +60,13 @@ class GgufBackend(FormatBackend):
     host_transient, host_transient_fixed, host_scratch = 0.4, 100_000_000, 1.0
     precisions = frozenset(PRECISION_BITS) - {"fp8", "fp4"}
 
+    @classmethod
+    def low_memory_session_kwargs(cls, context_tokens: int) -> dict:
+        """Read the weights once rather than mapping the file beside llama.cpp's repacked copy
+        (GgufSession's use_mmap), with a KV cache the parity prompts and gate suite fit in rather
+        than the default 4096 tokens (1 GB at 7B)."""
+        return {"use_mmap": False, "n_ctx": context_tokens}
+
     def bits_per_weight(self, precision: str, in_features: int) -> float:
         """The llama.cpp type's own bits (block scales are inside PRECISION_BITS: q8_0 = 8.5), after
         its fallback for rows that K-quants cannot hold (embeddings, lm_head: rows of hidden_size)."""

@@ -62,9 +62,23 @@ def export_onnx(cm: CompositeModel, out_dir: Path, opset: int = 18, progress=Non
                     decoder_note = (f"decoder graph written by torch.onnx: the onnxruntime-genai builder failed "
                                     f"({type(e).__name__}: {str(e)[:200]})")
             say(f"export {name}")
-            fn(cm, out_dir / name, opset)
+            with _resident(cm, name):
+                fn(cm, out_dir / name, opset)
             _tag_components(cm, out_dir / name)
     return [name for name, _ in jobs], used, decoder_note
+
+
+def _resident(cm: CompositeModel, name: str):
+    """With the weights on disk (`--low-memory`), the modules a vision or embedding graph is traced
+    from, loaded for the trace (one component: a vision tower is a few hundred MB in fp32). A
+    decoder traced by torch.onnx would need them all: only the builder writes it then."""
+    if cm.streamed is None:
+        return contextlib.nullcontext()
+    if name == DECODER:
+        raise ValueError("a streamed decoder is written by the onnxruntime-genai builder, not traced")
+    comps = cm.components()
+    parts = ("vision", "projector") if name == VISION else ("embed",)
+    return cm.streamed.hold(*[comps[p] for p in parts if comps.get(p) is not None])
 
 
 def _export_decoder_with_builder(cm: CompositeModel, out_dir: Path) -> None:

@@ -44,8 +44,9 @@ def builder_unsupported_reason(cm: CompositeModel) -> str | None:
     return None
 
 
-def _write_text_model(cm: CompositeModel, folder: Path) -> None:
-    """The language model and lm_head as a standalone CausalLM folder (what the builder reads)."""
+def _write_text_model(cm: CompositeModel, folder: Path, weights: bool = True) -> None:
+    """The language model and lm_head as a standalone CausalLM folder (what the builder reads);
+    `weights` False writes its config and tokenizer only (the builder then reads the streamed parent)."""
     from safetensors.torch import save_file
 
     tc = cm.adapter.text_config(cm.config)
@@ -65,11 +66,13 @@ def _write_text_model(cm: CompositeModel, folder: Path) -> None:
     # written below are plain floats.
     cfg.pop("quantization_config", None)
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    cm.tokenizer.save_pretrained(folder)
+    if not weights:
+        return
     lm = cm.adapter.language_model(cm.model)
     tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in lm.state_dict().items()}
     tensors["lm_head.weight"] = cm.adapter.lm_head(cm.model).weight.detach().contiguous().clone()
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cm.tokenizer.save_pretrained(folder)
 
 
 def export_decoder_genai(cm: CompositeModel, out_dir: Path) -> None:
@@ -78,13 +81,14 @@ def export_decoder_genai(cm: CompositeModel, out_dir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=out_dir.parent) as td:
         src, dst, cache = Path(td) / "hf", Path(td) / "onnx", Path(td) / "cache"
         src.mkdir()
-        _write_text_model(cm, src)
+        _write_text_model(cm, src, weights=cm.streamed is None)
         extra = ["exclude_embeds=true", f"filename={DECODER}"]
         sink = io.StringIO()
         root = logging.getLogger()
         saved = (root.level, list(root.handlers))
+        streamed = builder_streams(cm, src, dst) if cm.streamed is not None else contextlib.nullcontext()
         try:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), streamed:
                 opts = parse_extra_options(None, str(src), str(dst), "fp32", "cpu", str(cache), extra)
                 create_model(None, str(src), str(dst), "fp32", "cpu", str(cache), **opts)
         finally:  # the builder configures the root logger at INFO; give the process its own back
@@ -94,6 +98,114 @@ def export_decoder_genai(cm: CompositeModel, out_dir: Path) -> None:
             if name.startswith(DECODER):  # the graph and its external data file
                 shutil.move(str(dst / name), str(out_dir / name))
     _tag_builder_components(out_dir / DECODER, cm.text.head_dim)
+
+
+class _ReadOnAccess(dict):
+    """A module's `_parameters` whose values are read from the checkpoint when asked for by name
+    (`module.weight`), the last one kept: the builder asks for a weight's shape, then for the weight."""
+
+    def __init__(self, params: dict, keys: dict[str, str], tensors):
+        super().__init__(params)
+        self.keys, self.tensors = keys, tensors
+
+    def __getitem__(self, name):
+        import torch
+
+        key = self.keys.get(name)
+        if key is None:
+            return super().__getitem__(name)
+        last = _ReadOnAccess.last
+        if last[0] != key:
+            last[:] = [key, torch.nn.Parameter(self.tensors.get(key), requires_grad=False)]
+        return last[1]
+
+    last: list = [None, None]
+
+
+def _streamed_causal_lm(cm: CompositeModel, folder: Path):
+    """The CausalLM the builder walks, built on the meta device from the config written in `folder`,
+    each parameter read from the parent's checkpoint when the builder reads it."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        causal = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    lm, head = cm.adapter.language_model(cm.model), cm.adapter.lm_head(cm.model)
+    keys = cm.streamed.keys  # id(the parent's placeholder parameter) -> checkpoint key
+
+    def key_for(name: str) -> str:
+        param = head.weight if name == "lm_head.weight" else lm.get_parameter(name.removeprefix("model."))
+        return keys[id(param)]
+
+    for mod_name, module in causal.named_modules():
+        own = {n: f"{mod_name}.{n}" for n, p in module._parameters.items() if p is not None}
+        if own:
+            module._parameters = _ReadOnAccess(module._parameters, {n: key_for(full) for n, full in own.items()},
+                                               cm.streamed.tensors)
+    return causal
+
+
+@contextlib.contextmanager
+def builder_streams(cm: CompositeModel, src: Path, dst: Path):
+    """The builder with the parent's weights left on disk: it walks a meta-device model whose
+    parameters are read from the checkpoint as it asks for them, each initializer it makes is
+    written to the decoder's external-data file at once (an onnx_ir ExternalTensor stays in its
+    graph), and the graph is saved without reading them back. The builder itself keeps its
+    initializers as lazy casts of the torch tensors it was given and writes them all at the end,
+    which would hold every weight until then."""
+    import sys
+
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime_genai.models.builder  # noqa: F401  (puts its folder on sys.path: `builders.base`)
+
+    from edgemed.formats.onnx.external import TensorSink
+
+    # builder.py imports its classes as the top-level `builders` package; the same file imported as
+    # onnxruntime_genai.models.builders.base is another class object: patch whichever are loaded.
+    models = {id(m.Model): m.Model for name in ("builders.base", "onnxruntime_genai.models.builders.base")
+              if (m := sys.modules.get(name)) is not None}.values()
+
+    dst.mkdir(parents=True, exist_ok=True)
+    data = DECODER + ".data"
+    sink = TensorSink(dst / data, data)
+    saved = {Model: (Model.load_weights, Model.make_initializer, Model.save_model) for Model in models}
+
+    def externalize(value) -> None:
+        t = value.const_value
+        if t is None or isinstance(t, ir.ExternalTensor):
+            return
+        offset, length = sink.write(t.tobytes())
+        value.const_value = ir.ExternalTensor(data, offset, length, t.dtype, shape=t.shape, name=t.name,
+                                              base_dir=dst)
+
+    def load_weights(self, input_path):
+        return _streamed_causal_lm(cm, src)
+
+    def make_initializer(self, tensor, /, name, *, to=None, raw=False):
+        saved[next(M for M in type(self).__mro__ if M in saved)][1](self, tensor, name, to=to, raw=raw)
+        externalize(self.model.graph.initializers[name])
+
+    def save_model(self, out_dir):
+        model = self.model
+        model.graph.sort()
+        for value in model.graph.initializers.values():
+            externalize(value)
+        sink.close()
+        if hasattr(self, "stamp_build_metadata"):
+            self.stamp_build_metadata(model)
+        onnx.save(ir.serde.serialize_model(model), os.path.join(out_dir, self.filename))
+
+    for Model in saved:
+        Model.load_weights, Model.make_initializer, Model.save_model = load_weights, make_initializer, save_model
+    try:
+        yield
+    finally:
+        for Model, methods in saved.items():
+            Model.load_weights, Model.make_initializer, Model.save_model = methods
+        _ReadOnAccess.last[:] = [None, None]
+        sink.close()
 
 
 def _tag_builder_components(path: Path, head_dim: int) -> None:

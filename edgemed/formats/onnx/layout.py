@@ -50,15 +50,18 @@ def merge_text_model(ctx: "Context") -> None:
     `model.onnx` taking `input_ids`, the embedding table's nodes (renamed under `embed_tokens/`) feeding
     the decoder's `inputs_embeds`. Replaces embed_tokens.onnx and decoder_model_merged.onnx (one
     copy of the weights). Opsets: the higher of the two per domain (the embedding is a Gather, or
-    ONNX Runtime's GatherBlockQuantized, whose meaning no opset since 13 changed)."""
+    ONNX Runtime's GatherBlockQuantized, whose meaning no opset since 13 changed). Both graphs are
+    read without their weights and the merged one written tensor by tensor (external.save_streamed),
+    so a 7B's decoder is never in memory at once."""
     import onnx
     from onnx import compose, helper
 
-    from edgemed.formats.onnx.graph import DECODER, EMBED, save_model
+    from edgemed.formats.onnx.external import save_streamed
+    from edgemed.formats.onnx.graph import DECODER, EMBED
 
     root = ctx.work_dir
-    embed = onnx.load(str(root / EMBED))
-    decoder = onnx.load(str(root / DECODER))
+    embed = onnx.load(str(root / EMBED), load_external_data=False)
+    decoder = onnx.load(str(root / DECODER), load_external_data=False)
     compose.add_prefix(embed, "embed_tokens/", rename_inputs=False, rename_outputs=False, inplace=True)
     (link,) = [o.name for o in embed.graph.output]
     if link not in {i.name for i in decoder.graph.input}:
@@ -78,12 +81,12 @@ def merge_text_model(ctx: "Context") -> None:
     model.metadata_props.extend(decoder.metadata_props)
     del embed, decoder
     precisions = {ctx.files.get(n, {}).get("precision") for n in (EMBED, DECODER)} - {None}
+    save_streamed(model, root / TEXT_MODEL, root)
     for name in (EMBED, DECODER):
         (root / name).unlink()
         for data in root.glob(name + "*"):  # external data files
             data.unlink()
         ctx.files.pop(name, None)
-    save_model(model, root / TEXT_MODEL)
     ctx.describe(TEXT_MODEL, component="embed+language+lm_head", fmt="onnx",
                  precision="+".join(sorted({p for ps in precisions for p in ps.split("+")})) or None)
 

@@ -23,12 +23,25 @@ class OnnxExport(Step):
     formats = ("onnx",)
     summary = "vision encoder + projector, token embeddings and a KV-cache decoder as three ONNX graphs"
     Args = OnnxExportArgs
+    # With the weights on disk the decoder is written by the onnxruntime-genai builder, one tensor at
+    # a time (genai_decoder.builder_streams); the vision and embedding graphs load their own modules.
+    streams = True
+
+    def stream_refusal(self, target=None) -> str | None:
+        if self.args.decoder == "torch":
+            return "decoder: torch traces the whole decoder in memory (use decoder: auto or genai)"
+        return None
 
     def run(self, ctx: "Context") -> None:
         from edgemed.formats.onnx.genai_decoder import builder_unsupported_reason
         from edgemed.formats.onnx.export import export_onnx
 
         builder = self.args.decoder
+        if ctx.cm.streamed is not None:
+            if reason := builder_unsupported_reason(ctx.cm):
+                raise BadInputError(f"recipe {ctx.recipe.name} with --low-memory", f"the ONNX decoder is streamed "
+                                    f"by onnxruntime-genai's builder, and {reason}", "compress without --low-memory")
+            builder = "genai"  # no torch.onnx fallback: it would trace the whole decoder in memory
         if builder != "torch":
             reason = builder_unsupported_reason(ctx.cm)
             if reason is not None and builder == "genai":
@@ -53,9 +66,20 @@ class OnnxQuantize(Step):
     formats = ("onnx",)
     summary = "ONNX Runtime quantizers per the component policy (int8 dynamic, int4 MatMulNBits, fp16)"
     Args = OnnxQuantizeArgs
+    streams = True  # the decoder node by node from its external data (quantize_graph_streamed)
+
+    def stream_refusal(self, target=None) -> str | None:
+        if self.args.int4.algorithm == "gptq":
+            return "int4 algorithm gptq takes every layer's input Hessian from the whole fp32 graph (use mse)"
+        if self.args.int8.method != "nbits":
+            return f"int8 method {self.args.int8.method} (ONNX Runtime's quantize_dynamic) loads the whole graph"
+        if onnx_activations(self.args.activations, target, None)[0] == "fp16":
+            return "fp16 activations convert the whole graph in memory (use a CPU target, or activations: fp32)"
+        return None
 
     def run(self, ctx: "Context") -> None:
-        from edgemed.formats.onnx.quantize import quantize_graph
+        from edgemed.formats.onnx.graph import DECODER
+        from edgemed.formats.onnx.quantize import quantize_graph, quantize_graph_streamed
 
         policy = ctx.recipe.policy
         embed = OnnxBackend.component_precisions["embed"]
@@ -72,23 +96,50 @@ class OnnxQuantize(Step):
         if activations == "fp32" and self.args.int4.int8_projections and "int4" in policy.model_dump().values():
             ctx.notes.append("int4 language model with its " + ", ".join(self.args.int4.int8_projections)
                              + " projections (where present) at int8")
+        streamed = ctx.cm.streamed is not None
+        if streamed and activations == "fp16":
+            raise BadInputError(f"recipe {ctx.recipe.name} with --low-memory", "fp16 activations convert the whole "
+                                "graph in memory", "compress without --low-memory, or with activations: fp32")
         for graph in GRAPHS:
             path = ctx.work_dir / graph
             if not path.exists():
                 continue
             ctx.progress(f"quantize {graph}")
-            feeds = None
-            calibrated = INT4_ALGORITHMS.get(self.args.int4.algorithm).calibrated or self.args.int8.algorithm == "mse"
-            if graph == "decoder_model_merged.onnx" and calibrated:
-                from edgemed.calibration.feeds import decoder_feeds
-
-                def decoder_calibration():  # the calibrated quantizers' passes, recorded in the manifest
-                    rec: dict = {}
-                    out = decoder_feeds(ctx.cm, ctx.recipe.calibration, self.args.int4.calibration_samples, rec)
-                    ctx.calibration = ctx.calibration or {**rec, "used_by": "onnx-quantize (int4/int8 mse and gptq grids)"}
-                    return out
-
-                feeds = decoder_calibration
-            precisions = quantize_graph(path, policy, self.args, feeds, activations)
+            calibration = None
+            algorithm = INT4_ALGORITHMS.get(self.args.int4.algorithm)
+            if graph == DECODER and (algorithm.calibrated or self.args.int8.algorithm == "mse"):
+                calibration = self._calibration(ctx, path, algorithm.name != "gptq")
+            if streamed and graph == DECODER:
+                precisions = quantize_graph_streamed(path, policy, self.args, calibration)
+            else:
+                precisions = quantize_graph(path, policy, self.args, calibration, activations)
             ctx.describe(graph, component=graph_component(graph), fmt="onnx",
                          precision="+".join(sorted(set(precisions.values()))) or "fp32")
+
+    def _calibration(self, ctx: "Context", path, diagonal_only: bool):
+        """The calibrated quantizers' statistics, computed when first needed and recorded in the
+        manifest: from the parent's Linear layers for the builder's decoder where only their mean
+        squares are needed (parent_stats), else from passes through the exported graph
+        (grids.ProbeStats: GPTQ's Hessians, torch.onnx decoders)."""
+        import onnx
+
+        from edgemed.calibration.feeds import decoder_feeds
+        from edgemed.formats.onnx.int4.grids import ProbeStats
+        from edgemed.formats.onnx.parent_stats import ParentStats, builder_graph_mapped
+
+        parent = diagonal_only and ctx.runtime.get("decoder_builder") == "genai" and \
+            builder_graph_mapped(ctx.cm, onnx.load(str(path), load_external_data=False))
+        if ctx.cm.streamed is not None and not parent:  # a probe would run the whole fp32 graph
+            raise BadInputError(f"recipe {ctx.recipe.name} with --low-memory", "this decoder graph has MatMuls that "
+                                "map to no Linear of the parent, so its calibration statistics need the whole graph",
+                                "compress without --low-memory")
+
+        def stats():
+            rec: dict = {}
+            feeds = decoder_feeds(ctx.cm, ctx.recipe.calibration, self.args.int4.calibration_samples, rec)
+            how = "the parent's Linear inputs" if parent else "passes through the fp32 graph"
+            ctx.calibration = ctx.calibration or {**rec, "used_by": f"onnx-quantize (int4/int8 mse and gptq grids; "
+                                                                    f"statistics from {how})"}
+            return ParentStats(ctx.cm, feeds) if parent else ProbeStats(feeds)
+
+        return stats

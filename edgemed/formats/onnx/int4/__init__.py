@@ -23,8 +23,9 @@ class Int4Algorithm:
     """One way to choose int4 blocks for a set of MatMul nodes."""
 
     name: ClassVar[str]
-    # Calibration passes through the decoder graph: used when given (mse weights its error by them,
-    # gptq needs them and falls back to rtn without).
+    # Calibration statistics of the decoder's MatMul inputs (grids.ProbeStats or
+    # parent_stats.ParentStats): used when given (mse weights its error by their mean squares,
+    # gptq needs their Hessians and falls back to rtn without).
     calibrated: ClassVar[bool] = False
     # Stores a float per block on top of the scale (a block offset or a float zero point): the
     # planner counts its bytes.
@@ -36,7 +37,7 @@ class Int4Algorithm:
             INT4_ALGORITHMS.register(cls.name)(cls)
 
     @classmethod
-    def quantize(cls, model, nodes: list[str], block_size: int, args, feeds: list[dict] | None):
+    def quantize(cls, model, nodes: list[str], block_size: int, args, stats):
         """Replace exactly `nodes` by int4 MatMulNBits; returns the model. `args` is Int4Args."""
         raise NotImplementedError  # pragma: no cover
 

@@ -12,7 +12,7 @@ class Fmin(Int4Algorithm):
     float_offset = True
 
     @classmethod
-    def quantize(cls, model, nodes, block_size, args, feeds):
+    def quantize(cls, model, nodes, block_size, args, stats):
         return fmin_rewrite(model, nodes, block_size, args.accuracy_level)
 
 

@@ -12,13 +12,13 @@ class Gptq(Int4Algorithm):
     calibrated = True
 
     @classmethod
-    def quantize(cls, model, nodes, block_size, args, feeds):
-        if feeds is None:
+    def quantize(cls, model, nodes, block_size, args, stats):
+        if stats is None:
             for block, group in by_fitted_block(model, nodes, block_size).items():
                 model = ort_nbits(model, group, 4, block, False, args.accuracy_level, "rtn")
             return model
-        from edgemed.formats.onnx.int4.grids import gptq_quantize, hessians
+        from edgemed.formats.onnx.int4.grids import gptq_quantize
 
-        h = hessians(model, inputs_of(model, nodes), feeds)
+        h = stats.hessians(model, inputs_of(model, nodes))
         return asym_int4(model, nodes, block_size, args.accuracy_level, "gptq",
                          lambda w, x, b: gptq_quantize(w, h[x], b))

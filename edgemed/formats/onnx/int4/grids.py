@@ -50,6 +50,20 @@ def mean_squares(model, input_names: list[str], feeds: list[dict]) -> dict[str, 
     return {name: a / max(count, 1) for name, a in acc.items()}
 
 
+class ProbeStats:
+    """Calibration statistics from passes of the feeds through the fp32 graph itself (an ONNX
+    Runtime probe session with the MatMul inputs as extra outputs): any graph, any exporter."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds = feeds
+
+    def mean_squares(self, model, input_names: list[str]) -> dict[str, np.ndarray]:
+        return mean_squares(model, input_names, self.feeds)
+
+    def hessians(self, model, input_names: list[str]) -> dict[str, np.ndarray]:
+        return hessians(model, input_names, self.feeds)
+
+
 def gptq_quantize(w: np.ndarray, h: np.ndarray, block: int, damp: float = 0.01):
     """w [K, N] -> (q [K, N] uint8 in 0..15, scales [K/block, N], zero points [K/block, N])."""
     w = w.astype(np.float64).copy()

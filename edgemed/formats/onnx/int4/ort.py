@@ -8,7 +8,7 @@ from edgemed.formats.onnx.int4 import Int4Algorithm, ort_nbits
 
 class _Ort(Int4Algorithm):
     @classmethod
-    def quantize(cls, model, nodes, block_size, args, feeds):
+    def quantize(cls, model, nodes, block_size, args, stats):
         for block, group in by_fitted_block(model, nodes, block_size).items():
             model = ort_nbits(model, group, 4, block, args.symmetric, args.accuracy_level, cls.name)
         return model
