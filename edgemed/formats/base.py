@@ -150,6 +150,12 @@ class FormatBackend:
         return f"edgemed has no GPU runtime for {cls.name} artifacts"
 
     @classmethod
+    def low_memory_artifact_factor(cls, artifact_bytes: int) -> float:
+        """Copies of the artifact compress --low-memory holds at its peak (plan.host_estimate): 1, the
+        parity session's, where the writer streams every tensor."""
+        return 1.0
+
+    @classmethod
     def low_memory_session_kwargs(cls, context_tokens: int) -> dict:
         """open_session arguments for compress --low-memory's parity session (a KV cache of
         `context_tokens`, no second resident copy of the weights), where the format has them."""
