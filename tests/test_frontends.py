@@ -164,14 +164,19 @@ TEXT_FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints"
 @pytest.fixture(scope="module", params=["qwen2.5-7b-instruct", "mistral-7b-instruct-v0.2"])
 def text_artifact(request, tmp_path_factory):
     """A replica of a real text LLM checkpoint (its config, template and special tokens; tiny random
-    weights, see edgemed.models.replica) compressed to int8: one graph, onnx/model.onnx."""
+    weights, see edgemed.models.replica) compressed to int8: one graph, onnx/model.onnx. Mistral's
+    is written as a real 7B's is, its weights in onnx/model.onnx_data (external.INLINE_LIMIT lowered)."""
+    from edgemed.formats.onnx import external
     from edgemed.models.replica import build_replica
     from edgemed.pipeline import compress
 
     root = tmp_path_factory.mktemp(f"text-{request.param}")
     model = build_replica(TEXT_FIXTURES / request.param, root / "model", seed=0)
     out = root / f"{request.param}-int8"
-    compress(str(model), "int8", "cpu-x86-avx2", out)
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param.startswith("mistral"):
+            mp.setattr(external, "INLINE_LIMIT", 0)
+        compress(str(model), "int8", "cpu-x86-avx2", out)
     return out, model
 
 
@@ -185,6 +190,7 @@ def test_a_text_llm_is_one_graph_that_takes_input_ids(text_artifact):
     m = read_manifest(out)
     graphs = {f.path: f.component for f in m.files if f.path.endswith(".onnx")}
     assert graphs == {"onnx/model.onnx": "embed+language+lm_head"}
+    assert ("onnx/model.onnx_data" in {f.path for f in m.files}) == ("mistral" in out.name)
     g = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
     assert [i.name for i in g.input][:2] == ["input_ids", "attention_mask"] and g.output[0].name == "logits"
     assert m.parity["kld_mean"] < 1e-3  # parity went through this one graph

@@ -169,27 +169,23 @@ def test_distillation_teacher_is_read_from_disk(tiny_dir, tmp_path, monkeypatch)
     assert m.plan["host"]["parts_gb"].get("teacher (distill, streamed from disk)") is not None
 
 
-def test_low_memory_onnx_past_the_protobuf_limit(tiny_dir, tmp_path, monkeypatch):
-    """Above protobuf's limit (lowered here to 0) the streamed graphs keep their weights in one
-    external-data file, written tensor by tensor at page-aligned offsets, that ONNX Runtime reads
-    and the artifact checks accept: the same tensors and parity as the in-memory artifact."""
+def test_low_memory_onnx_with_external_data(tiny_dir, tmp_path, monkeypatch):
+    """Past external.INLINE_LIMIT (lowered here to 0) both paths write the graph with its weights in one
+    external-data file, tensor by tensor at page-aligned offsets: the same bytes, every file, and an
+    artifact ONNX Runtime and the artifact checks accept."""
     import onnx
 
-    from edgemed.formats.onnx import graph
-    from edgemed.formats.onnx.external import ALIGN, external_info, read_array
+    from edgemed.formats.onnx import external
+    from edgemed.formats.onnx.external import ALIGN, external_info
     from edgemed.pipeline import compress
 
-    monkeypatch.setattr(graph, "PROTO_LIMIT", 0)
+    monkeypatch.setattr(external, "INLINE_LIMIT", 0)
     src = str(tiny_dir("llama"))
     full = compress(src, ["int4"], "cpu-x86-avx2", tmp_path / "full").manifest
     low = compress(src, ["int4"], "cpu-x86-avx2", tmp_path / "low", low_memory=True).manifest
-    assert "onnx/model.onnx_data" in {f.path for f in low.files}  # the front ends' name (layout.move_graphs)
-    assert low.parity["kld_mean"] == full.parity["kld_mean"]
-    a = onnx.load(str(tmp_path / "full" / "onnx" / "model.onnx"))
+    assert "onnx/model.onnx_data" in {f.path for f in full.files}  # the front ends' name (layout.move_graphs)
+    assert _hashes(full) == _hashes(low)
+    assert low.parity["kld_mean"] == full.parity["kld_mean"] < 0.05
     b = onnx.load(str(tmp_path / "low" / "onnx" / "model.onnx"), load_external_data=False)
-    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
     offsets = [int(external_info(t)["offset"]) for t in b.graph.initializer]
-    assert offsets and all(o % ALIGN == 0 for o in offsets)
-    ref = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
-    for t in b.graph.initializer:
-        assert np.array_equal(read_array(t, tmp_path / "low" / "onnx"), ref[t.name]), t.name
+    assert len(offsets) == len(b.graph.initializer) and all(o % ALIGN == 0 for o in offsets)

@@ -20,16 +20,19 @@ class OnnxBackend(FormatBackend):
     # session and the quantized graph, which the allocator does not all hand back between steps.
     host_transient, host_transient_fixed, host_scratch = 3.7, 0, 1.0
     precisions = frozenset({"fp32", "fp16", "int8", "int4"})
-    # compress --low-memory, artifact below protobuf's limit: quantize_graph_streamed and
-    # merge_text_model write such a graph as one protobuf, built whole in memory (read, merged,
-    # serialized), and parity parses it again. Fitted to bench_memory.py's int4 --low-memory rows.
-    LOW_MEMORY_INLINE_FACTOR = 5.0
+    # compress --low-memory holds the artifact in parity's ONNX Runtime session at its peak: its
+    # weights mapped from external data past external.INLINE_LIMIT plus MatMulNBits' prepacked copy
+    # (measured: 1.24 GB peak RSS for a 956 MB int4 graph). A graph below the limit is written as one
+    # protobuf, built whole in memory, and parsed again by the session. Fitted to bench_memory.py's
+    # int4 --low-memory rows.
+    LOW_MEMORY_INLINE_FACTOR, LOW_MEMORY_EXTERNAL_FACTOR = 5.0, 1.3
 
     @classmethod
     def low_memory_artifact_factor(cls, artifact_bytes: int) -> float:
-        from edgemed.formats.onnx.graph import PROTO_LIMIT
+        from edgemed.formats.onnx.external import INLINE_LIMIT
 
-        return cls.LOW_MEMORY_INLINE_FACTOR if artifact_bytes <= PROTO_LIMIT else 1.0
+        return cls.LOW_MEMORY_INLINE_FACTOR if artifact_bytes <= INLINE_LIMIT else cls.LOW_MEMORY_EXTERNAL_FACTOR
+
     # onnx-quantize keeps the embedding table (a Gather, not a MatMul) float or int8 (GatherBlockQuantized).
     component_precisions = {"embed": frozenset({"fp32", "fp16", "int8"})}
 

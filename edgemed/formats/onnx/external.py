@@ -16,6 +16,11 @@ from pathlib import Path
 import numpy as np
 
 ALIGN = 4096  # tensors start on page boundaries, as ONNX Runtime wants for mapping external data
+# A graph whose weights pass this is written with them in one external-data file (save_streamed),
+# by the in-memory and the --low-memory path alike (same bytes): such a graph is never serialized whole
+# in memory, and ONNX Runtime maps its weights instead of parsing a copy (measured on a 956 MB int4
+# TinyLlama: session 1.24 GB peak RSS against 1.77 GB for the same graph in one file).
+INLINE_LIMIT = 64 << 20
 
 
 def external_info(tensor) -> dict[str, str] | None:
@@ -99,16 +104,15 @@ class TensorSink:
 
 
 def save_streamed(model, path: Path, base_dir: Path) -> None:
-    """Save `model`, whose initializers may live in external files under base_dir, as `path` (plus
-    `path.data` where its weights pass protobuf's limit), reading and writing one tensor at a time.
-    Below the limit the graph is written as one file, as graph.save_model writes an in-memory graph."""
+    """Save `model`, whose initializers may be held in it or live in external files under base_dir,
+    as `path`, plus `path.data` where its weights pass INLINE_LIMIT: every initializer is then
+    read and written one at a time, at page-aligned offsets. Below the limit the graph is one file.
+    The model's initializers are left pointing at what was written."""
     import onnx
-
-    from edgemed.formats.onnx.graph import PROTO_LIMIT
 
     path, base_dir = Path(path), Path(base_dir)
     data = path.with_name(path.name + ".data")
-    if sum(stored_bytes(t) for t in model.graph.initializer) <= PROTO_LIMIT:
+    if sum(stored_bytes(t) for t in model.graph.initializer) <= INLINE_LIMIT:
         for t in model.graph.initializer:
             if external_info(t) is not None:
                 t.raw_data = read_bytes(t, base_dir)

@@ -216,16 +216,11 @@ def probe_session(model, tensors: list[str]):
 
 
 def save_model(model, path: Path) -> None:
-    import onnx
+    """Write an in-memory graph as `path`, with its weights in `path.data` past external.INLINE_LIMIT: the
+    file external.save_streamed writes for the same graph read from external data."""
+    from edgemed.formats.onnx.external import save_streamed
 
-    big = tensor_bytes(model) > PROTO_LIMIT
-    data = path.with_suffix(".onnx.data")
-    if data.exists():
-        data.unlink()
-    if big:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-    else:
-        onnx.save(model, str(path))
+    save_streamed(model, path, path.parent)
 
 
 def _tensors(graph):
