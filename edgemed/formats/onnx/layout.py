@@ -9,7 +9,7 @@
     onnx/embed_tokens.onnx           input_ids -> inputs_embeds
     onnx/decoder_model_merged.onnx   inputs_embeds, attention_mask, past_key_values.N.{key,value}
                                      -> logits, present.N.{key,value}
-    onnx/<graph>.onnx_data           external weights of a graph past 2 GB (transformers.js's name)
+    onnx/<graph>.onnx_data           external weights of a graph past 64 MiB (transformers.js's name)
     manifest.json                    edgemed's record: every file's sha256, the recipe, parity
 
 This is the onnx-community layout transformers.js loads for image-text-to-text models
