@@ -196,7 +196,7 @@ def to_markdown(rows: list[dict], commands: list[str]) -> str:
         pred, meas = r.get("predicted_peak_gb"), r.get("peak_rss_gb")
         ratio = f"{pred / meas:.2f}" if pred and meas else ""
         if r.get("ran"):
-            note = (r.get("error") or [""])[-1]
+            note = "; ".join(n for n in (r.get("note"), (r.get("error") or [""])[-1]) if n)
         else:
             note = "; ".join(r.get("reasons") or []) or "plan only"
         kld = r.get("kld_mean")

@@ -383,7 +383,8 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
         kv_f32 = at_parity.kv_cache_bytes * 4 // max(1, at_parity.kv_bytes_per_element)
         held = backend.low_memory_artifact_factor(artifact) * artifact
         parts = {"process": HOST_PROCESS_BYTES, f"{recipe.format} export and quantize": int(backend.host_transient_fixed),
-                 STREAM_PART: int(max(HOST_STREAM_FACTOR * largest, held + kv_f32))}
+                 STREAM_PART: int(max((backend.low_memory_stream_factor or HOST_STREAM_FACTOR) * largest,
+                                      held + kv_f32))}
         return _host_check(parts, int(artifact + backend.host_scratch * fp32), host_memory_gb, output, low_memory=True)
     parts = {"process": HOST_PROCESS_BYTES, "parent (fp32)": fp32}
     if any(s.step == "distill" for s in recipe.steps):

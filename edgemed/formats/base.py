@@ -122,6 +122,9 @@ class FormatBackend:
     # Scratch on disk beside the artifact while compress runs, in multiples of the fp32 bytes (an
     # fp32 graph before quantization, a probe's external data).
     host_scratch: ClassVar[float] = 0.0
+    # compress --low-memory: what its streamed phases hold, in multiples of the largest tensor in fp32
+    # (None: plan_host.HOST_STREAM_FACTOR, the GGUF writer's).
+    low_memory_stream_factor: ClassVar[float | None] = None
 
     # --- writing ------------------------------------------------------------------------------------
     # Whether the artifact is built for one target only (TensorRT's build profiles) rather than for

@@ -20,12 +20,15 @@ class OnnxBackend(FormatBackend):
     # session and the quantized graph, which the allocator does not all hand back between steps.
     host_transient, host_transient_fixed, host_scratch = 3.7, 0, 1.0
     precisions = frozenset({"fp32", "fp16", "int8", "int4"})
-    # compress --low-memory holds the artifact in parity's ONNX Runtime session at its peak: its
-    # weights mapped from external data past external.INLINE_LIMIT plus MatMulNBits' prepacked copy
-    # (measured: 1.24 GB peak RSS for a 956 MB int4 graph). A graph below the limit is written as one
-    # protobuf, built whole in memory, and parsed again by the session. Fitted to bench_memory.py's
-    # int4 --low-memory rows.
-    LOW_MEMORY_INLINE_FACTOR, LOW_MEMORY_EXTERNAL_FACTOR = 5.0, 1.3
+    # compress --low-memory: its streamed phases (torch.onnx tracing the embedding table, the parent's
+    # calibration forward, the lm_head's quantization) hold about 3.5 x the largest fp32 tensor, and
+    # parity's ONNX Runtime session the artifact: its weights mapped from external data past
+    # external.INLINE_LIMIT and MatMulNBits' prepacked copy, 1.1 x the artifact at its peak; a graph
+    # below the limit is one protobuf, written whole and parsed again (5 x). Fitted to bench_memory.py's
+    # int4 --low-memory rows (TinyLlama shape, largest tensor 0.26 GB: 11 layers 1.80 GB peak RSS,
+    # 556 MB artifact; 22 layers 1.94 GB, 956 MB).
+    low_memory_stream_factor = 3.5
+    LOW_MEMORY_INLINE_FACTOR, LOW_MEMORY_EXTERNAL_FACTOR = 5.0, 1.1
 
     @classmethod
     def low_memory_artifact_factor(cls, artifact_bytes: int) -> float:
