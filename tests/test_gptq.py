@@ -121,6 +121,28 @@ def test_calibration_inputs_probe_hidden_tensors_and_restore_the_outputs():
     assert model.SerializeToString() == before
 
 
+def test_mse_grids_on_threads_are_the_bytes_of_one_loop(monkeypatch):
+    """The column ranges run on a thread per core (grids._over_columns): the same bytes as one loop
+    over 1024-column chunks, for a width that splits unevenly, with and without importance."""
+    from edgemed.formats.onnx.int4 import grids
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((64, 1500)) * 0.02).astype(np.float32)
+    w[:32, 7] = 0.0
+    imp = rng.random(64).astype(np.float32)
+    monkeypatch.setattr(grids.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    threaded = [grids.mse_quantize(w, 32, imp), grids.mse_quantize(w, 32), grids.mse_quantize_int8(w, 32, imp)]
+
+    def one_loop(one, n, chunk):
+        for c0 in range(0, n, chunk):
+            one(c0, min(n, c0 + chunk))
+
+    monkeypatch.setattr(grids, "_over_columns", one_loop)
+    looped = [grids.mse_quantize(w, 32, imp), grids.mse_quantize(w, 32), grids.mse_quantize_int8(w, 32, imp)]
+    for a, b in zip(threaded, looped):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_int8_mse_grid_beats_absmax_and_round_trips():
     """mse_quantize_int8: codes + 128 in uint8 with one scale per block; its squared error (weighted
     by the importance it was given) is no worse than absmax/127 rounding, block by block."""
