@@ -114,15 +114,18 @@ def _blocked(w: np.ndarray, block: int, importance: np.ndarray | None):
 def _over_columns(one, n: int, chunk: int) -> None:
     """one(c0, c1) for column ranges of at most `chunk` columns covering 0..n, on a thread per core:
     the columns are independent and numpy's ufuncs let go of the GIL, so the result is the same
-    bytes as one loop over them, sooner (measured: bench/bench_mse_threads.py)."""
+    bytes as one loop over them, sooner (measured: bench/bench_mse_threads.py). Each range holds a few
+    fp32 temporaries of its columns, so at most 4 x `chunk` columns are in flight (compress
+    --low-memory's plan counts the streamed phases in multiples of the largest tensor)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     step = max(1, min(chunk, -(-n // cores)))
     ranges = [(c0, min(n, c0 + step)) for c0 in range(0, n, step)]
-    if len(ranges) == 1 or cores == 1:
+    workers = min(cores, len(ranges), max(1, 4 * chunk // step))
+    if workers == 1:
         for r in ranges:
             one(*r)
         return
-    with ThreadPoolExecutor(min(cores, len(ranges))) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         for _ in pool.map(lambda r: one(*r), ranges):  # re-raises a range's exception
             pass
 
