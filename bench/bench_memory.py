@@ -4,7 +4,7 @@
     python bench/bench_memory.py [--shapes tinyllama-11 tinyllama-22 mistral-7b]
                                  [--recipes int4 q4_k_m prune-width-25+q8_0]
                                  [--work /tmp/edgemed-memory] [--out bench/results/memory]
-                                 [--low-memory]
+                                 [--low-memory] [--llama-cpp-reference]
 
 Shapes (random weights, stored in bfloat16 as real checkpoints ship; written with
 edgemed.models.replica from the real Mistral-7B-Instruct-v0.2 files in tests/fixtures, so the
@@ -21,7 +21,15 @@ refused. Each accepted pair runs `python -m edgemed compress` in a child process
 samples the RSS of the child's whole process tree every 50 ms (psutil); recorded: peak RSS, wall
 time, exit code, the plan's predicted peak (predicted / measured is how the planner is kept
 honest) and the artifact's parity against its parent (KLD mean, top-1) from its manifest.
-`--low-memory` plans and runs `compress --low-memory` (the weights stay on disk; GGUF recipes).
+`--low-memory` plans and runs `compress --low-memory` (the weights stay on disk).
+
+`--llama-cpp-reference` adds, per shape, llama.cpp's own pipeline on the same checkpoint as the
+yardstick for the q4_k_m rows' parity (a random-weight model's KLD depends on its shape, so a 7B's
+cannot be compared with a 1.1B's): its converter (convert_hf_to_gguf.py from the llama-cpp-python
+sdist, run in place as bench_cpu_frontier.py does, to BF16) and llama_model_quantize to Q4_K_M
+(no imatrix), then KLD / top-1 against the parent over every position of edgemed's parity
+prompts (prefill), the parent streamed from disk as compress --low-memory computes it.
+`--recipes` with no names runs only that.
 
 Writes results.json and results.md to --out.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -180,6 +189,46 @@ def run_compress(folder: Path, recipes: list[str], out: Path, low_memory: bool =
     return row
 
 
+def llama_cpp_reference(folder: Path, work: Path) -> dict:
+    """llama.cpp's own converter + Q4_K_M of the checkpoint in `folder`, and its parity on edgemed's
+    parity prompts against the streamed parent (see the module's docstring)."""
+    import bench_cpu_frontier as frontier
+    import bench_roofline as roofline
+    import llama_cpp
+    import numpy as np
+
+    from edgemed.models import load_model
+    from edgemed.reference.metrics import compare_logits
+    from edgemed.reference.parent import parent_parity_refs
+
+    t0 = time.perf_counter()
+    refs = parent_parity_refs(load_model(str(folder), low_memory=True))
+    q = work / f"{folder.name}-llama-own-Q4_K_M.gguf"
+    if not q.exists():
+        src = frontier.llama_cpp_sdist(work)
+        conv = roofline.converter_input(folder, work / f"{folder.name}-llama-converter")
+        bf16 = q.with_name(q.stem + "-BF16.gguf")
+        try:
+            run = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(conv), "--outtype", "bf16",
+                                  "--outfile", str(bf16)], capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"convert_hf_to_gguf.py failed: {run.stderr[-600:]}")
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, os.cpu_count() or 1
+            if llama_cpp.llama_model_quantize(str(bf16).encode(), str(q).encode(), params) != 0:
+                q.unlink(missing_ok=True)
+                raise RuntimeError("llama_model_quantize Q4_K_M failed")
+        finally:
+            bf16.unlink(missing_ok=True)
+    own = frontier.LlamaCppFile(q, "llama.cpp's own Q4_K_M", [], 0)
+    got = [own.logits(np.asarray(ids)) for ids in refs["ids"]]
+    par = compare_logits(np.concatenate(refs["logits"]), np.concatenate(got))
+    return {"kld_mean": par["kld_mean"], "top1_agreement": par["top1_agreement"], "positions": par["positions"],
+            "artifact_mb": round(q.stat().st_size / 1e6, 1), "wall_s": round(time.perf_counter() - t0, 1),
+            "exit_code": 0, "note": "reference, not edgemed: llama.cpp's converter + llama_model_quantize on the same "
+                                    "checkpoint; KLD on the same parity prompts (prefill)"}
+
+
 def to_markdown(rows: list[dict], commands: list[str]) -> str:
     import platform
 
@@ -225,13 +274,15 @@ def to_markdown(rows: list[dict], commands: list[str]) -> str:
 
 
 def _mode(row: dict) -> str:
+    if row.get("reference"):
+        return "llama.cpp's converter (bf16 GGUF), on disk"
     return "on disk (--low-memory)" if row.get("low_memory") else "in memory (fp32)"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["tinyllama-11", "tinyllama-22", "mistral-7b"])
-    ap.add_argument("--recipes", nargs="+", default=["int4", "q4_k_m", "prune-width-25+q8_0"])
+    ap.add_argument("--recipes", nargs="*", default=["int4", "q4_k_m", "prune-width-25+q8_0"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/edgemed-memory"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/memory"))
     ap.add_argument("--plan-only", action="store_true", help="record the plans, run no compress (no weights written)")
@@ -240,6 +291,8 @@ def main() -> int:
                     help="recompute every row's prediction in --out's results.json with the planner as it is now "
                          "(measurements kept; the prediction made at run time stays as predicted_at_run_gb)")
     ap.add_argument("--low-memory", action="store_true", help="plan and run compress --low-memory")
+    ap.add_argument("--llama-cpp-reference", action="store_true",
+                    help="add llama.cpp's own Q4_K_M of each shape's checkpoint and its parity, as a yardstick")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/bench_memory.py " + " ".join(sys.argv[1:])
@@ -249,6 +302,8 @@ def main() -> int:
         rows, commands = old["rows"], old["commands"] + [command]
     if args.replan:
         for row in rows:
+            if row.get("reference"):  # not an edgemed recipe: nothing to plan
+                continue
             folder = write_config_only(row["shape"], args.work / f"{row['shape']}-config")
             p = plan_host(folder, row["recipe"].split("+"), bool(row.get("low_memory")))
             row.setdefault("predicted_at_run_gb", row.get("predicted_peak_gb"))
@@ -273,6 +328,13 @@ def main() -> int:
                 row.update(run_compress(folder, recipe.split("+"), out, args.low_memory), ran=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            (args.out / "results.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=2))
+            (args.out / "results.md").write_text(to_markdown(rows, commands))
+        if args.llama_cpp_reference:
+            build_checkpoint(shape, folder)
+            rows.append({"shape": shape, "recipe": "llama.cpp's own Q4_K_M", "ran": True, "reference": True,
+                         **llama_cpp_reference(folder, args.work)})
+            print(json.dumps(rows[-1]), flush=True)
             (args.out / "results.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=2))
             (args.out / "results.md").write_text(to_markdown(rows, commands))
     print(to_markdown(rows, commands))

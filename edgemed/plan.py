@@ -369,8 +369,8 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
 
     With `low_memory` the parent stays on disk: its part is HOST_STREAM_FACTOR x the largest
     tensor in fp32 (read, converted, written one at a time), the export's transient does not
-    grow with the model (the GGUF writer and llama.cpp's quantizer hold one tensor), and the
-    artifact itself is resident while parity runs it."""
+    grow with the model (the GGUF writer and llama.cpp's quantizer hold one tensor) but for what a
+    step holds of its own (GPTQ: one layer's Hessians), and the artifact is resident while parity runs it."""
     backend = backend_for(recipe, target, shape)
     fp32 = 4 * parent_params  # the model as given, before a recipe's pruning
     if low_memory:
@@ -382,9 +382,11 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
         # (reference.parity.parent_parity_refs): the larger of the two is resident, not both.
         kv_f32 = at_parity.kv_cache_bytes * 4 // max(1, at_parity.kv_bytes_per_element)
         held = backend.low_memory_artifact_factor(artifact) * artifact
+        # What a step holds (GPTQ's Hessians) is resident with the streamed weights, not in parity.
+        streamed = (backend.low_memory_stream_factor or HOST_STREAM_FACTOR) * largest + \
+            sum(_step_parts(recipe, shape).values())
         parts = {"process": HOST_PROCESS_BYTES, f"{recipe.format} export and quantize": int(backend.host_transient_fixed),
-                 STREAM_PART: int(max((backend.low_memory_stream_factor or HOST_STREAM_FACTOR) * largest,
-                                      held + kv_f32))}
+                 STREAM_PART: int(max(streamed, held + kv_f32))}
         return _host_check(parts, int(artifact + backend.host_scratch * fp32), host_memory_gb, output, low_memory=True)
     parts = {"process": HOST_PROCESS_BYTES, "parent (fp32)": fp32}
     if any(s.step == "distill" for s in recipe.steps):
@@ -392,15 +394,20 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
             parts["teacher (distill, streamed from disk)"] = int(HOST_STREAM_FACTOR * _largest_tensor_bytes(shape))
         else:
             parts["teacher copy (distill)"] = fp32
-    from edgemed.steps import STEPS
-
-    for spec in recipe.steps:  # a step that holds memory of its own says how much (e.g. distill's optimizer)
-        if hasattr(STEPS.get(spec.step), "host_bytes"):
-            parts[f"{spec.step} step"] = int(spec.build().host_bytes(shape))
+    parts.update(_step_parts(recipe, shape))
     if recipe.format is not None:
         parts[f"{recipe.format} export and quantize"] = int(backend.host_transient * fp32 + backend.host_transient_fixed)
     return _host_check(parts, int(_artifact_bytes(shape, recipe, target) + backend.host_scratch * fp32),
                        host_memory_gb, output)
+
+
+def _step_parts(recipe: Recipe, shape: _ModelShape) -> dict[str, int]:
+    """What steps hold of their own (Step.host_bytes: distill's optimizer, GPTQ's Hessians)."""
+    from edgemed.steps import STEPS
+
+    held = {f"{s.step} step": int(s.build().host_bytes(shape)) for s in recipe.steps
+            if hasattr(STEPS.get(s.step), "host_bytes")}
+    return {k: v for k, v in held.items() if v > 0}
 
 
 def _largest_tensor_bytes(shape: _ModelShape) -> int:

@@ -1,4 +1,6 @@
 """edgemed's GPTQ: packing that ONNX Runtime's MatMulNBits reads, and less output error than rtn."""
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -143,6 +145,51 @@ def test_mse_grids_on_threads_are_the_bytes_of_one_loop(monkeypatch):
         assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
+def test_gptq_lazy_batches_are_the_row_by_row_algorithm(monkeypatch):
+    """gptq_quantize's lazy batch updates push the same errors as the row-by-row GPTQ it replaced
+    (bench/bench_grids.py's baseline), in another summation order: the same codes and zero points and
+    scales equal to rounding, for batches that split K unevenly and with dead input channels."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_grids import plain_gptq_quantize
+
+    rng = np.random.default_rng(11)
+    for k, n, lazy in [(224, 40, 128), (256, 24, 64), (96, 16, 32)]:
+        w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+        x = rng.standard_normal((3 * k, k))
+        x[:, 1:] += 0.5 * x[:, :-1]
+        x[:, 5] = 0.0  # a dead channel: H's diagonal is 0 there
+        h = x.T @ x
+        q, s, z = gptq_quantize(w, h, 32, lazy=lazy)
+        q0, s0, z0 = plain_gptq_quantize(w, h, 32)
+        assert np.array_equal(q, q0) and np.array_equal(z, z0), (k, lazy)
+        np.testing.assert_allclose(s, s0, rtol=1e-9)
+
+
+def test_mse_search_scores_distinct_candidates_to_the_plain_searchs_bytes(monkeypatch):
+    """grids.mse_quantize scores a block again only where a shifted zero point is new at that scale:
+    the same bytes as the plain search that scores all 41 x 7 candidates (bench/bench_grids.py's
+    baseline), on blocks that tie (all zero, constant), clip (one huge weight), are tiny, or have zero
+    importance, for blocks of 16 to 128 and a width that splits into uneven column ranges."""
+    from edgemed.formats.onnx.int4 import grids
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from bench_grids import plain_mse_quantize
+
+    rng = np.random.default_rng(5)
+    for k, n, block in [(64, 48, 32), (256, 37, 16), (512, 70, 64), (256, 20, 128)]:
+        w = (rng.standard_normal((k, n)) * 0.02).astype(np.float32)
+        w[:block, 0] = 0.0
+        w[block:2 * block, 1] = 0.5
+        w[:, 2] *= 1e-8
+        w[::7, 3] = 3.0
+        imp = rng.random(k).astype(np.float32)
+        imp[:4] = 0.0
+        for importance in (None, imp):
+            ours = grids.mse_quantize(w, block, importance, chunk=17)
+            plain = plain_mse_quantize(w, block, importance, chunk=17)
+            assert all(np.array_equal(a, b) for a, b in zip(ours, plain)), (k, n, block, importance is None)
+
+
 def test_int8_mse_grid_beats_absmax_and_round_trips():
     """mse_quantize_int8: codes + 128 in uint8 with one scale per block; its squared error (weighted
     by the importance it was given) is no worse than absmax/127 rounding, block by block."""
@@ -162,9 +209,10 @@ def test_int8_mse_grid_beats_absmax_and_round_trips():
 
 
 def test_parent_statistics_are_the_graph_probe_statistics(tiny_dir, tmp_path):
-    """The mse grids' importance (each MatMul input channel's mean square) taken from the parent's
-    Linear layers equals what a probe of the builder's fp32 graph measures, for every projection the
-    builder writes (fused qkv and gate/up included) and the lm_head: the name mapping is right."""
+    """The mse grids' importance (each MatMul input channel's mean square) and GPTQ's Hessians taken
+    from the parent's Linear layers equal what a probe of the builder's fp32 graph measures, for
+    every projection the builder writes (fused qkv and gate/up included) and the lm_head: the name
+    mapping and the layer-by-layer pass are right."""
     import onnx
     import pytest
 
@@ -188,3 +236,12 @@ def test_parent_statistics_are_the_graph_probe_statistics(tiny_dir, tmp_path):
     assert set(parent) == set(probe) == set(names)
     for name in names:
         np.testing.assert_allclose(parent[name], probe[name], rtol=2e-4, err_msg=name)
+    # GPTQ's Hessians, from the parent one decoder layer at a time (asked in graph order, then an
+    # earlier layer again, which starts the pass over), are the probe's X^T X too.
+    parent, probe = ParentStats(cm, feeds).hessians(model, names), ProbeStats(feeds).hessians(model, names)
+    assert set(parent) == set(probe) == set(names)
+    order = list(dict.fromkeys(n.input[0] for n in model.graph.node if n.name in set(matmuls)))
+    assert len(order) > 4 and order[-1] != order[0]
+    for name in order + order[:2]:
+        np.testing.assert_allclose(parent[name], probe[name], rtol=2e-4, atol=2e-5 * np.abs(probe[name]).max(),
+                                   err_msg=name)

@@ -18,8 +18,12 @@ LLAVA_15_7B_PARAMS = 7.06e9
 
 @pytest.fixture(autouse=True)
 def big_host(monkeypatch):
-    """These tests are about the target side; the host that compresses is planned below."""
+    """These tests are about the target side; the host that compresses (its RAM and free disk, which
+    other jobs on this machine change) is planned below."""
+    from collections import namedtuple
+
     monkeypatch.setattr("edgemed.plan_host.host_memory_available", lambda: 1 << 40)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: namedtuple("usage", "total used free")(1 << 50, 0, 1 << 50))
 
 
 @pytest.fixture(scope="module")

@@ -46,11 +46,12 @@ def _hashes(manifest) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("family,recipe", [("llama", "q4_k_m"), ("llava-clip", "q8_0"), ("llama", "int4"),
-                                           ("llava-clip", "int8-mse")])
+                                           ("llava-clip", "int8-mse"), ("llama", "int4-gptq")])
 def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recipe, monkeypatch):
     """The files written from the streamed parent (GGUF and its imatrix; ONNX graphs from the
     builder fed tensor by tensor and quantized node by node with the parent's calibration
-    statistics; the cached parent reference) equal those of the in-memory path byte for byte."""
+    statistics, GPTQ's Hessians layer by layer; the cached parent reference) equal those of the
+    in-memory path byte for byte."""
     import onnx
 
     from edgemed.pipeline import compress
@@ -80,7 +81,7 @@ def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recip
 
 
 @pytest.mark.parametrize("family,recipe,why", [
-    ("llama", "int4-gptq", "gptq"),  # GPTQ's Hessians come from the whole fp32 graph
+    ("llama", "prune-width-25", "prune"),  # its distillation trains the whole student
     ("llama", "trt-int8", "trt-"),  # TensorRT's Q/DQ steps are not streamed
 ])
 def test_low_memory_refuses_a_recipe_that_needs_the_whole_model(tiny_dir, tmp_path, capsys, family, recipe, why):
@@ -143,7 +144,7 @@ def test_plan_offers_low_memory_and_checks_the_host(tmp_path, capsys):
                "--low-memory", "--json"])
     out = capsys.readouterr().out
     assert rc == 0 and json.loads(out)["host"]["feasible"] is True
-    rc = main(["plan", src, "--recipe", "int4-gptq", "--low-memory"])
+    rc = main(["plan", src, "--recipe", "prune-width-25", "--low-memory"])
     assert rc == 2 and "cannot run with --low-memory" in capsys.readouterr().err
 
 

@@ -68,9 +68,19 @@ class OnnxQuantize(Step):
     Args = OnnxQuantizeArgs
     streams = True  # the decoder node by node from its external data (quantize_graph_streamed)
 
+    def host_bytes(self, shape) -> int:
+        """GPTQ's share of compress's peak RAM (plan.host_estimate; `shape`: plan's _ModelShape): one
+        decoder layer's input Hessians in float64 (parent_stats' layer-by-layer pass: q/k/v, o,
+        gate/up and down read four inputs) and gptq_quantize's copy, inverse and Cholesky factor of
+        the largest (a 7B's down projection: 14336^2 x 8 B = 1.6 GB each). The other algorithms hold
+        one weight's temporaries, counted with the weights."""
+        if self.args.int4.algorithm != "gptq":
+            return 0
+        h = shape.facts.hidden_size
+        k = max([h, *(p // h for name, p in shape.linears.items() if name.endswith("down_proj"))])
+        return 8 * (3 * h * h + k * k) + 3 * 8 * k * k
+
     def stream_refusal(self, target=None) -> str | None:
-        if self.args.int4.algorithm == "gptq":
-            return "int4 algorithm gptq takes every layer's input Hessian from the whole fp32 graph (use mse)"
         if self.args.int8.method != "nbits":
             return f"int8 method {self.args.int8.method} (ONNX Runtime's quantize_dynamic) loads the whole graph"
         if onnx_activations(self.args.activations, target, None)[0] == "fp16":
@@ -108,7 +118,7 @@ class OnnxQuantize(Step):
             calibration = None
             algorithm = INT4_ALGORITHMS.get(self.args.int4.algorithm)
             if graph == DECODER and (algorithm.calibrated or self.args.int8.algorithm == "mse"):
-                calibration = self._calibration(ctx, path, algorithm.name != "gptq")
+                calibration = self._calibration(ctx, path)
             if streamed and graph == DECODER:
                 precisions = quantize_graph_streamed(path, policy, self.args, calibration)
             else:
@@ -116,18 +126,18 @@ class OnnxQuantize(Step):
             ctx.describe(graph, component=graph_component(graph), fmt="onnx",
                          precision="+".join(sorted(set(precisions.values()))) or "fp32")
 
-    def _calibration(self, ctx: "Context", path, diagonal_only: bool):
+    def _calibration(self, ctx: "Context", path):
         """The calibrated quantizers' statistics, computed when first needed and recorded in the
-        manifest: from the parent's Linear layers for the builder's decoder where only their mean
-        squares are needed (parent_stats), else from passes through the exported graph
-        (grids.ProbeStats: GPTQ's Hessians, torch.onnx decoders)."""
+        manifest: from the parent's Linear layers for the builder's decoder (parent_stats: mean
+        squares in one pass, GPTQ's Hessians layer by layer), else from passes through the
+        exported graph (grids.ProbeStats: torch.onnx decoders)."""
         import onnx
 
         from edgemed.calibration.feeds import decoder_feeds
         from edgemed.formats.onnx.int4.grids import ProbeStats
         from edgemed.formats.onnx.parent_stats import ParentStats, builder_graph_mapped
 
-        parent = diagonal_only and ctx.runtime.get("decoder_builder") == "genai" and \
+        parent = ctx.runtime.get("decoder_builder") == "genai" and \
             builder_graph_mapped(ctx.cm, onnx.load(str(path), load_external_data=False))
         if ctx.cm.streamed is not None and not parent:  # a probe would run the whole fp32 graph
             raise BadInputError(f"recipe {ctx.recipe.name} with --low-memory", "this decoder graph has MatMuls that "
