@@ -57,8 +57,9 @@ def builder_graph_mapped(cm: "CompositeModel", model) -> bool:
 
 
 class ParentStats:
-    """Mean squares of every decoder Linear's input over the calibration feeds (decoder_feeds),
-    from one pass of the parent's language model and lm_head, by graph input name."""
+    """Calibration statistics of the builder decoder's MatMul inputs, by graph input name, from the
+    parent over the calibration feeds (decoder_feeds): every Linear input's mean squares from one
+    pass of its language model and lm_head, GPTQ's Hessians one decoder layer at a time."""
 
     def __init__(self, cm: "CompositeModel", feeds: list[dict]):
         self.cm, self.feeds = cm, feeds
