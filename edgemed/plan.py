@@ -370,18 +370,19 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
     With `low_memory` the parent stays on disk: its part is HOST_STREAM_FACTOR x the largest
     tensor in fp32 (read, converted, written one at a time), the export's transient does not
     grow with the model (the GGUF writer and llama.cpp's quantizer hold one tensor) but for what a
-    step holds of its own (GPTQ: one layer's Hessians), and the artifact is resident while parity runs it."""
+    step holds of its own (GPTQ: one layer's Hessians), and parity's session holds what
+    FormatBackend.low_memory_parity_bytes says (GGUF: the artifact; ONNX: one decoder layer at a time)."""
     backend = backend_for(recipe, target, shape)
     fp32 = 4 * parent_params  # the model as given, before a recipe's pruning
     if low_memory:
         largest = _largest_tensor_bytes(shape)
         at_parity = _estimate(shape, recipe, target, LOW_MEMORY_PARITY_CONTEXT, "")
         artifact = at_parity.artifact_bytes
-        # The parity check runs the artifact (read into memory whole, with an f32 KV cache of
+        # The parity check runs the artifact (what its session holds of it, with an f32 KV cache of
         # LOW_MEMORY_PARITY_CONTEXT tokens) after the parent's side is computed
         # (reference.parity.parent_parity_refs): the larger of the two is resident, not both.
         kv_f32 = at_parity.kv_cache_bytes * 4 // max(1, at_parity.kv_bytes_per_element)
-        held = backend.low_memory_artifact_factor(artifact) * artifact
+        held = backend.low_memory_parity_bytes(at_parity, shape.facts.num_layers)
         # What a step holds (GPTQ's Hessians) is resident with the streamed weights, not in parity.
         streamed = (backend.low_memory_stream_factor or HOST_STREAM_FACTOR) * largest + \
             sum(_step_parts(recipe, shape).values())

@@ -153,10 +153,11 @@ class FormatBackend:
         return f"edgemed has no GPU runtime for {cls.name} artifacts"
 
     @classmethod
-    def low_memory_artifact_factor(cls, artifact_bytes: int) -> float:
-        """Copies of the artifact compress --low-memory holds at its peak (plan.host_estimate): 1, the
-        parity session's, where the writer streams every tensor."""
-        return 1.0
+    def low_memory_parity_bytes(cls, estimate, num_layers: int) -> int:
+        """What compress --low-memory's parity session holds of the artifact (plan.host_estimate;
+        `estimate`: the plan's components and artifact_bytes): the whole artifact, where the writer
+        streams every tensor and the runtime loads it whole."""
+        return int(estimate.artifact_bytes)
 
     @classmethod
     def low_memory_session_kwargs(cls, context_tokens: int) -> dict:

@@ -21,20 +21,34 @@ class OnnxBackend(FormatBackend):
     host_transient, host_transient_fixed, host_scratch = 3.7, 0, 1.0
     precisions = frozenset({"fp32", "fp16", "int8", "int4"})
     # compress --low-memory: its streamed phases (torch.onnx tracing the embedding table, the parent's
-    # calibration forward, the lm_head's quantization) hold about 3.5 x the largest fp32 tensor, and
-    # parity's ONNX Runtime session the artifact: its weights mapped from external data past
-    # external.INLINE_LIMIT and MatMulNBits' prepacked copy, 1.1 x the artifact at its peak; a graph
-    # below the limit is one protobuf, written whole and parsed again (5 x). Fitted to bench_memory.py's
-    # int4 --low-memory rows (TinyLlama shape, largest tensor 0.26 GB: 11 layers 1.80 GB peak RSS,
-    # 556 MB artifact; 22 layers 1.94 GB, 956 MB).
+    # calibration forward, the lm_head's quantization) hold about 3.5 x the largest fp32 tensor.
+    # Parity runs the decoder one layer at a time (formats/onnx/layered.py): past
+    # external.INLINE_LIMIT it holds the largest run's weights, mapped and MatMulNBits' prepacked copy
+    # (1.1 x), beside a VLM's vision tower and embedding table, whole; a graph below the limit is one
+    # protobuf, written whole and parsed again (5 x the artifact). Fitted to bench_memory.py's int4
+    # --low-memory rows (TinyLlama shape, largest tensor 0.26 GB: 11 layers 1.80 GB peak RSS,
+    # 556 MB artifact; 22 layers 1.94 GB, 956 MB, when parity held the whole artifact).
     low_memory_stream_factor = 3.5
     LOW_MEMORY_INLINE_FACTOR, LOW_MEMORY_EXTERNAL_FACTOR = 5.0, 1.1
 
     @classmethod
-    def low_memory_artifact_factor(cls, artifact_bytes: int) -> float:
+    def low_memory_parity_bytes(cls, estimate, num_layers: int) -> int:
         from edgemed.formats.onnx.external import INLINE_LIMIT
 
-        return cls.LOW_MEMORY_INLINE_FACTOR if artifact_bytes <= INLINE_LIMIT else cls.LOW_MEMORY_EXTERNAL_FACTOR
+        if estimate.artifact_bytes <= INLINE_LIMIT:
+            return int(cls.LOW_MEMORY_INLINE_FACTOR * estimate.artifact_bytes)
+        size = {k: c.bytes for k, c in estimate.components.items()}
+        separate = "vision" in size  # a VLM's embedding table is a graph of its own, held whole
+        whole = size.get("vision", 0) + size.get("projector", 0) + (size.get("embed", 0) if separate else 0)
+        run = max(size.get("language", 0) / max(1, num_layers), size.get("lm_head", 0),
+                  0 if separate else size.get("embed", 0))
+        return int(cls.LOW_MEMORY_EXTERNAL_FACTOR * (whole + run))
+
+    @classmethod
+    def low_memory_session_kwargs(cls, context_tokens: int) -> dict:
+        """The decoder one layer at a time (formats/onnx/layered.py): the same logits, one layer's
+        weights resident."""
+        return {"layered": True}
 
     # onnx-quantize keeps the embedding table (a Gather, not a MatMul) float or int8 (GatherBlockQuantized).
     component_precisions = {"embed": frozenset({"fp32", "fp16", "int8"})}

@@ -21,6 +21,10 @@ ALIGN = 4096  # tensors start on page boundaries, as ONNX Runtime wants for mapp
 # in memory, and ONNX Runtime maps its weights instead of parsing a copy (measured on a 956 MB int4
 # TinyLlama: session 1.24 GB peak RSS against 1.77 GB for the same graph in one file).
 INLINE_LIMIT = 64 << 20
+# Tensors below this stay in the graph even then (onnx's convert_model_to_external_data keeps them so
+# by default too): ONNX Runtime's shape inference reads a Reshape's shape, a Slice's starts, from the
+# graph and refuses to load a graph whose small constants are external (a torch.onnx vision tower).
+INLINE_TENSOR = 1024
 
 
 def external_info(tensor) -> dict[str, str] | None:
@@ -105,8 +109,9 @@ class TensorSink:
 
 def save_streamed(model, path: Path, base_dir: Path) -> None:
     """Save `model`, whose initializers may be held in it or live in external files under base_dir,
-    as `path`, plus `path.data` where its weights pass INLINE_LIMIT: every initializer is then
-    read and written one at a time, at page-aligned offsets. Below the limit the graph is one file.
+    as `path`, plus `path.data` where its weights pass INLINE_LIMIT: every initializer of INLINE_TENSOR
+    bytes or more is then read and written one at a time, at page-aligned offsets. Below the limit the
+    graph is one file.
     The model's initializers are left pointing at what was written."""
     import onnx
 
@@ -125,7 +130,12 @@ def save_streamed(model, path: Path, base_dir: Path) -> None:
     sink = TensorSink(partial, data.name)
     try:
         for t in model.graph.initializer:
-            sink.put(t, base_dir)
+            if stored_bytes(t) >= INLINE_TENSOR:
+                sink.put(t, base_dir)
+            elif external_info(t) is not None:
+                t.raw_data = read_bytes(t, base_dir)
+                del t.external_data[:]
+                t.ClearField("data_location")
         sink.close()
     except BaseException:
         sink.discard()

@@ -32,7 +32,8 @@ def _trt_ep_cache(path: Path, manifest: "Manifest") -> str:
 class OnnxSession(PromptAndPixels, GreedyGeneration):
     def __init__(self, path: Path, manifest: "Manifest", providers: list | None = None,
                  intra_op_threads: int | None = None, disabled_optimizers: list[str] | None = None,
-                 device: DeviceChoice | None = None, session_config: dict[str, str] | None = None):
+                 device: DeviceChoice | None = None, session_config: dict[str, str] | None = None,
+                 layered: bool = False):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -41,12 +42,17 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         self.image: dict[str, Any] | None = manifest.model.image
         self.chat_template: str | None = manifest.model.chat_template
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        opts = ort.SessionOptions()
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
-        opts.log_severity_level = 3
-        for key, value in (session_config or {}).items():
-            opts.add_session_config_entry(key, value)
+
+        def options():
+            opts = ort.SessionOptions()
+            if intra_op_threads:
+                opts.intra_op_num_threads = intra_op_threads
+            opts.log_severity_level = 3
+            for key, value in (session_config or {}).items():
+                opts.add_session_config_entry(key, value)
+            return opts
+
+        opts = options()
         self.device = device or DeviceChoice("cpu", "cpu", "the session's default")
         # Where the KV cache lives between steps: on the GPU with CUDA (IOBinding keeps it there; only
         # the logits come back to the host), in host memory on the CPU. Same code path on both.
@@ -63,10 +69,20 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
             return ort.InferenceSession(str(graph_file(path, name)), opts, providers=providers,
                                         disabled_optimizers=disabled_optimizers)
 
+        def decoder(name):
+            # `layered` (compress --low-memory's parity): one decoder layer's weights resident at a time.
+            if layered:
+                from edgemed.formats.onnx.layered import LayeredDecoder
+
+                dec = LayeredDecoder(graph_file(path, name), options(), providers, disabled_optimizers)
+                if dec.layers > 1:
+                    return dec
+            return sess(name)
+
         if graph_file(path, TEXT_MODEL).exists():  # a text LLM: embedding and decoder in one graph
-            self.decoder, self.embed = sess(TEXT_MODEL), None
+            self.decoder, self.embed = decoder(TEXT_MODEL), None
         else:
-            self.decoder, self.embed = sess(DECODER), sess(EMBED)
+            self.decoder, self.embed = decoder(DECODER), sess(EMBED)
         self.vision = sess(VISION) if graph_file(path, VISION).exists() else None
         # A tiled vision graph (layout.tile_vision_input) takes [1, tiles, 3, H, W] and a pixel mask.
         vision_ins = {i.name: i for i in self.vision.get_inputs()} if self.vision is not None else {}
@@ -135,17 +151,27 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         `ids` (the chunk's token ids) marks image tokens for decoders that need token_type_ids."""
         seq = embeds.shape[1]
         total = past.length + seq
-        binding = past.binding(self.decoder, total)
-        binding.bind_output("logits")  # rebound in place: its shape changes between prefill and decode
-        binding.bind_cpu_input(self._first_input, np.ascontiguousarray(embeds))
-        binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        feeds = {self._first_input: np.ascontiguousarray(embeds), "attention_mask": np.ones((1, total), np.int64)}
         if self._has_position_ids:
-            binding.bind_cpu_input("position_ids", np.arange(past.length, total, dtype=np.int64)[None])
+            feeds["position_ids"] = np.arange(past.length, total, dtype=np.int64)[None]
         if self._has_token_type_ids:
             tti = np.zeros((1, seq), np.int64)
             if ids is not None and self.image is not None:
                 tti[0] = ids == self.image["image_token_id"]
-            binding.bind_cpu_input("token_type_ids", tti)
+            feeds["token_type_ids"] = tti
+        if not hasattr(self.decoder, "io_binding"):  # a LayeredDecoder
+            past.reserve(total)
+            outs = self.decoder.run(feeds, past.value, past.present_buffer, self._ort_device)
+            import onnxruntime as ort
+
+            presents = [outs[n.replace("past_key_values", "present")] for n in past.past_names]
+            presents = [ort.OrtValue.ortvalue_from_numpy(v, self._ort_device, 0) if isinstance(v, np.ndarray) else v
+                        for v in presents]
+            return outs["logits"][0], past.after(presents, total)
+        binding = past.binding(self.decoder, total)
+        binding.bind_output("logits")  # rebound in place: its shape changes between prefill and decode
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
         self.decoder.run_with_iobinding(binding)
         outs = binding.get_outputs()
         return outs[0].numpy()[0], past.after(outs[1:], total)
@@ -196,6 +222,19 @@ class ConcatKV:
         """The cache as host arrays (calibration feeds; a copy from the device under CUDA)."""
         return {n: v.numpy() for n, v in self.values.items()}
 
+    @property
+    def past_names(self) -> list[str]:
+        return list(self.values)
+
+    def value(self, past_name: str):
+        return self.values[past_name]
+
+    def present_buffer(self, present_name: str):
+        return None  # ONNX Runtime allocates past+new
+
+    def reserve(self, total: int) -> None:
+        pass
+
     def binding(self, session, total: int):
         """A fresh binding with this cache as past and logits + present.* as outputs."""
         binding = session.io_binding()
@@ -231,7 +270,17 @@ class SharedKV:
     def _shape(self, cap: int) -> tuple:
         return (self.shape[0], self.shape[1], cap, self.shape[3])
 
-    def binding(self, session, total: int):
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{n}" for n in self.names]
+
+    def value(self, past_name: str):
+        return self.buffers[past_name.split(".", 1)[1]]
+
+    def present_buffer(self, present_name: str):
+        return self.buffers[present_name.split(".", 1)[1]]
+
+    def reserve(self, total: int) -> None:
         if total > self.capacity:  # generate() sizes the cache for prompt + answer: this is rare
             cap = max(total, 2 * self.capacity)
             grown = {}
@@ -241,6 +290,9 @@ class SharedKV:
                 grown[n] = self._alloc(arr)
             self.buffers, self.capacity = grown, cap
             self._binding = None
+
+    def binding(self, session, total: int):
+        self.reserve(total)
         if self._binding is None:
             self._binding = session.io_binding()
             self._binding.bind_output("logits")  # first: forward() reads the outputs in bind order

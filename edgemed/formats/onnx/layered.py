@@ -1,0 +1,196 @@
+"""The decoder graph run one decoder layer at a time: compress --low-memory's parity session.
+
+Parity runs the artifact it verifies, and a whole ONNX Runtime session holds every weight of it
+(MatMulNBits repacks them into its own buffers): a 7B int4 artifact is 5-6 GB, more than the
+rest of a streamed compress. Here the decoder graph is cut into its runs of nodes that belong to
+one decoder layer (the onnxruntime-genai builder names every node ``/model/layers.{i}/...``; the
+nodes before the first layer and after the last are runs of their own), each run becomes a graph
+of its own over the same external-data file, and a forward pass opens one run's session at a
+time, runs it, and drops it before the next: the same nodes and kernels on the same tensors as
+the whole graph, so the same logits (tests/test_streamed compares the parity records), with one
+layer's weights resident.
+
+Costs: every forward pass opens every run's session again (1.5 s a pass for the 22-layer
+TinyLlama shape here), which parity's decode path and the gate suite's answers do about a
+hundred times. Why not ONNX Runtime alone: it has no option to page weights in and out; why
+not onnx.utils.Extractor: it loads and copies every weight to cut a graph (here only node
+protos move; the weights stay in the artifact's file, read by offset).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_LAYER = re.compile(r"/layers\.(\d+)/")
+_ELEM = {"tensor(float)": 1, "tensor(int32)": 6, "tensor(int64)": 7, "tensor(bool)": 9, "tensor(float16)": 10,
+         "tensor(bfloat16)": 16}
+# The session option that resolves external-data locations of a graph loaded from bytes.
+_EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+@dataclass
+class Run:
+    """Consecutive nodes of one decoder layer (or of none): what they read from before them,
+    what later runs (or the graph's outputs) read of theirs, and what no run reads after them."""
+    nodes: list
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    last_use: list[str] = field(default_factory=list)
+    model: bytes | None = None  # the serialized graph, built once its inputs' types are known
+
+
+def split_runs(graph) -> list[Run]:
+    """The graph's nodes in their (topological) order, cut where the layer a node names changes."""
+    runs: list[Run] = []
+    key = object()
+    for node in graph.node:
+        m = _LAYER.search(node.name)
+        k = int(m.group(1)) if m else None
+        if not runs or k != key:
+            runs.append(Run([]))
+            key = k
+        runs[-1].nodes.append(node)
+    inits = {i.name for i in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    last: dict[str, int] = {}
+    for ri, run in enumerate(runs):
+        for node in run.nodes:
+            for name in node.input:
+                if name:
+                    last[name] = ri
+    for ri, run in enumerate(runs):
+        made = {o for node in run.nodes for o in node.output}
+        for node in run.nodes:
+            for name in node.input:
+                if name and name not in made and name not in inits and name not in run.inputs:
+                    run.inputs.append(name)
+        run.outputs = [o for node in run.nodes for o in node.output
+                       if o and (o in graph_outputs or last.get(o, -1) > ri)]
+        run.last_use = [name for name in run.inputs if last.get(name) == ri]
+    return runs
+
+
+class _Arg:
+    """What OnnxSession reads of InferenceSession.get_inputs(): name, type, shape."""
+
+    def __init__(self, value_info):
+        import onnx
+
+        t = value_info.type.tensor_type
+        self.name = value_info.name
+        self.type = f"tensor({onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})".replace(
+            "float32", "float")
+        self.shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+
+
+class LayeredDecoder:
+    """Stands in for the decoder's InferenceSession in OnnxSession (get_inputs, get_providers) and
+    runs a forward pass run by run (`run`)."""
+
+    def __init__(self, path: Path, options, providers: list, disabled_optimizers: list[str] | None = None):
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        self._graph, self._opset, self._ir = model.graph, list(model.opset_import), model.ir_version
+        self._inits = {i.name: i for i in model.graph.initializer}
+        self._graph_inputs = {i.name: i for i in model.graph.input}
+        self._graph_outputs = {o.name: o for o in model.graph.output}
+        self.runs = split_runs(model.graph)
+        # Runs that are one decoder layer (0 or 1: the graph does not name its layers; run it whole).
+        self.layers = sum(1 for run in self.runs if _LAYER.search(run.nodes[0].name))
+        self._types = {name: vi.type.tensor_type.elem_type for name, vi in self._graph_inputs.items()}
+        options.add_session_config_entry(_EXTERNAL_FOLDER, str(Path(path).parent))
+        self._options, self._providers, self._disabled = options, providers, disabled_optimizers
+        self._inputs = [_Arg(vi) for vi in model.graph.input]
+        self.peak_run_weights = 0  # the most initializer bytes one run's graph names (its own tensors)
+
+    def get_inputs(self) -> list[_Arg]:
+        return self._inputs
+
+    def get_providers(self) -> list[str]:
+        return [p if isinstance(p, str) else p[0] for p in self._providers]
+
+    def _session(self, ri: int):
+        import onnx
+        import onnxruntime as ort
+
+        run = self.runs[ri]
+        if run.model is None:  # inputs from earlier runs have the types their sessions reported
+            ins = [self._graph_inputs[n] if n in self._graph_inputs
+                   else onnx.helper.make_tensor_value_info(n, self._types[n], None) for n in run.inputs]
+            outs = [self._graph_outputs.get(n) or onnx.helper.make_empty_tensor_value_info(n) for n in run.outputs]
+            names = dict.fromkeys(i for node in run.nodes for i in node.input if i in self._inits)
+            inits = [self._inits[n] for n in names]
+            self.peak_run_weights = max(self.peak_run_weights, sum(_init_bytes(i) for i in inits))
+            graph = onnx.helper.make_graph(run.nodes, f"{self._graph.name}.run{ri}", ins, outs, initializer=inits)
+            run.model = onnx.helper.make_model(graph, opset_imports=self._opset, ir_version=self._ir).SerializeToString()
+        sess = ort.InferenceSession(run.model, self._options, providers=self._providers,
+                                    disabled_optimizers=self._disabled)
+        for out in sess.get_outputs():
+            self._types.setdefault(out.name, _ELEM[out.type])
+        return sess
+
+    def run(self, feeds: dict[str, np.ndarray], kv_input, kv_output, device: str) -> dict[str, Any]:
+        """One forward pass. `feeds`: the graph inputs other than the cache; `kv_input(name)`: the
+        OrtValue of a past_key_values input; `kv_output(name)`: the OrtValue a present output is
+        written into, or None to let ONNX Runtime allocate it. Returns the graph's outputs: host
+        arrays, and the cache's own buffers where `kv_output` named them."""
+        env: dict[str, Any] = {}
+        for ri, run in enumerate(self.runs):
+            sess = self._session(ri)
+            binding = sess.io_binding()
+            for name in run.inputs:
+                if name in feeds:
+                    binding.bind_cpu_input(name, feeds[name])
+                elif name.startswith("past_key_values."):
+                    binding.bind_ortvalue_input(name, kv_input(name))
+                else:
+                    binding.bind_cpu_input(name, env[name])
+            for name in run.outputs:
+                buf = kv_output(name) if name.startswith("present.") else None
+                if buf is not None:
+                    binding.bind_ortvalue_output(name, buf)
+                else:
+                    binding.bind_output(name, device)
+            sess.run_with_iobinding(binding)
+            # Host copies, and the cache's own buffers: an OrtValue the binding hands back keeps the
+            # session, and with it the run's repacked weights, alive.
+            outs = binding.get_outputs()
+            for name, value in zip(run.outputs, outs):
+                own = kv_output(name) if name.startswith("present.") else None
+                env[name] = own if own is not None else value.numpy()
+            del outs, value
+            for name in run.last_use:
+                env.pop(name, None)
+            del binding, sess  # this run's weights go before the next run's come
+            _trim()
+        return {name: env[name] for name in self._graph_outputs}
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise: a run's repacked
+    weights, freed, would hold the peak of the largest run plus the heap's fragments)."""
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        _LIBC = ctypes.CDLL(name) if name else False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
+def _init_bytes(init) -> int:
+    import onnx
+
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        return next((int(e.value) for e in init.external_data if e.key == "length"), 0)
+    return init.ByteSize()
