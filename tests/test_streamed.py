@@ -238,3 +238,27 @@ def test_layered_session_computes_what_the_whole_graph_does(tiny_dir, tmp_path, 
     assert most[0] == 1 and len(alive) > dec.layers  # one run's session at a time
     total = sum(e.stat().st_size for e in (out / "onnx").glob("*.onnx_data"))
     assert 0 < dec.peak_run_weights < total / 2
+
+    # Many requests in one pass over the layers (parity's and the gate suite's): the same logits,
+    # and generate()'s answers whatever the drafts (none, wrong, its own: then one pass).
+    from edgemed.calibration.builtin import synthetic_test_image
+    from edgemed.runtime.session import greedy_answers, logits_many
+
+    image = synthetic_test_image() if layered.image else None
+    pv = layered.pixel_values(image) if image is not None else None
+    with_image = layered.prompt_ids("Describe the image.", image is not None,
+                                    layered.image_grid(image) if image is not None else (0, 0))
+    reqs = [(ids, None, None), (ids, None, len(ids) // 2), (with_image, pv, len(with_image) - 3), (ids[:4], None, 1)]
+    passes = len(alive)
+    for x, y in zip(logits_many(whole, reqs), logits_many(layered, reqs)):
+        assert np.array_equal(x, y)
+    assert len(alive) - passes == len(dec.runs)  # each run's session opened once for all of them
+    items = [(image, "Describe the image."), (None, "Is there a pleural effusion?"), (None, "Any fracture?")]
+    want = [whole.generate(im, p, max_new_tokens=6) for im, p in items]
+    assert greedy_answers(whole, items, 6) == [w.text for w in want]
+    assert greedy_answers(layered, items, 6) == [w.text for w in want]
+    assert greedy_answers(layered, items, 6, drafts=[[5, 6, 7], None, want[2].token_ids[:2] + [9, 9]]) == \
+        [w.text for w in want]
+    passes = len(alive)
+    assert greedy_answers(layered, items, 6, drafts=[w.token_ids for w in want]) == [w.text for w in want]
+    assert len(alive) - passes == len(dec.runs)

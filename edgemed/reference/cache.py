@@ -44,6 +44,8 @@ FORMAT_VERSION = 1
 FULL_LOGITS_MAX_BYTES = 16_000_000
 TOPK = 64
 GATE_MAX_NEW_TOKENS = 8
+# Teacher-forced logits of the gate items held at once (compare_with_reference's batches).
+LOGITS_BATCH_BYTES = 256 << 20
 
 _FINDING_QUESTIONS = {  # the synthetic-cxr generator's own wording
     "nodule": "Is there a nodule?",
@@ -326,8 +328,11 @@ def compare_with_reference(session, ref_path: str | Path, *, generate: bool = Tr
     meta, arrays = load_reference(ref_path)
     offsets, ids_all = arrays["offsets"], arrays["ids"]
     images = arrays.get("images")
+    from edgemed.runtime.session import greedy_answers, logits_many
+
     klds, agrees, pairs, rows, notes = [], [], [], [], []
     mismatched_prompts = own_image_prompts = 0
+    todo = []  # per item: its record, image, teacher-forced request and the reference rows it meets
     for i, rec in enumerate(meta["items"]):
         lo, hi = int(offsets[i]), int(offsets[i + 1])
         ids = ids_all[lo:hi].astype(np.int64)
@@ -341,25 +346,39 @@ def compare_with_reference(session, ref_path: str | Path, *, generate: bool = Tr
             # saw tiles): teacher-force the parent's answer after the session's own prompt and compare
             # the answer positions, which correspond one to one.
             own_image_prompts += 1
-            got = session.logits(np.concatenate([own, ids[plen:]]), pv)[len(own) - 1:]
-            kld, agree = _kld_rows(meta, arrays, lo + plen - 1, hi, got)
+            request = (np.concatenate([own, ids[plen:]]), pv, None)
+            todo.append((rec, img, own, ids, plen, request, len(own) - 1, lo + plen - 1, hi))
         else:
-            got = session.logits(ids, pv)
-            kld, agree = _kld_rows(meta, arrays, lo, hi, got)
+            todo.append((rec, img, own, ids, plen, (ids, pv, None), 0, lo, hi))
+    # Teacher-forced logits, as many items at once as LOGITS_BATCH_BYTES of logits allow (a session
+    # that batches passes runs each batch in one pass over its layers).
+    got_all: list[np.ndarray] = []
+    batch: list[tuple] = []
+    for k, item in enumerate(todo):
+        batch.append(item[5])
+        if k + 1 == len(todo) or sum(len(r[0]) for r in batch + [todo[k + 1][5]]) * 4 * meta["vocab_size"] > \
+                LOGITS_BATCH_BYTES:
+            got_all += logits_many(session, batch)
+            batch = []
+    for (rec, img, own, ids, plen, _, skip, lo, hi), got in zip(todo, got_all):
         if got.shape[-1] != meta["vocab_size"]:
             raise BadInputError(str(ref_path), f"artifact vocabulary {got.shape[-1]} != parent's {meta['vocab_size']}",
                                 "the reference belongs to another model")
+        kld, agree = _kld_rows(meta, arrays, lo, hi, got[skip:])
         klds.append(kld)
         agrees.append(agree)
-        if not generate:
-            continue
-        if len(own) != plen or not np.array_equal(own, ids[:plen]):
-            mismatched_prompts += 1
-        ans = session.generate(img, rec["prompt"], max_new_tokens=meta["max_new_tokens"], stop_at_eos=True).text
-        closed = rec["answer_type"] == "closed"
-        pairs.append((rec["id"], rec["parent_answer"], ans, closed))
-        rows.append({**rec, "parent": rec["parent_answer"], "artifact": ans,
-                     **{k: v for k, v in (rec.get("subgroups") or {}).items()}})
+    if generate:
+        # The parent's answer is each prompt's draft: where the artifact agrees, one pass checks it.
+        same = [len(own) == plen and np.array_equal(own, ids[:plen]) for _, _, own, ids, plen, *_ in todo]
+        mismatched_prompts = same.count(False)
+        drafts = [ids[plen:] if ok else None for ok, (_, _, _, ids, plen, *_) in zip(same, todo)]
+        answers = greedy_answers(session, [(img, rec["prompt"]) for rec, img, *_ in todo], meta["max_new_tokens"],
+                                 drafts=drafts)
+        for (rec, *_), ans in zip(todo, answers):
+            closed = rec["answer_type"] == "closed"
+            pairs.append((rec["id"], rec["parent_answer"], ans, closed))
+            rows.append({**rec, "parent": rec["parent_answer"], "artifact": ans,
+                         **{k: v for k, v in (rec.get("subgroups") or {}).items()}})
     kld = np.concatenate(klds) if klds else np.zeros(0)
     agree = np.concatenate(agrees) if agrees else np.zeros(0, bool)
     out: dict[str, Any] = {

@@ -75,7 +75,9 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS,
         result["vision_cosine_min"] = float(cos.min())
         result["vision_cosine_mean"] = float(cos.mean())
         result["vision_max_abs_diff"] = float(np.abs(ref_feats - got_feats).max())
-    refs, gots, gots_dec = [], [], []
+    from edgemed.runtime.session import logits_many
+
+    refs, requests = [], []
     for i, prompt in enumerate(prompts):
         with_image = pv is not None and i % 2 == 0
         ids = session.prompt_ids(prompt, with_image, grid)
@@ -83,8 +85,10 @@ def check_parity(cm: CompositeModel, session, prompts=PARITY_PROMPTS,
             refs.append(parent["logits"][i])
         else:
             refs.append(parent_logits(cm, ids, pv if with_image else None))
-        gots.append(session.logits(ids, pv if with_image else None))
-        gots_dec.append(session.logits(ids, pv if with_image else None, decode_from=max(1, len(ids) // 2)))
+        requests += [(ids, pv if with_image else None, None),
+                     (ids, pv if with_image else None, max(1, len(ids) // 2))]
+    got = logits_many(session, requests)  # prefill, and the KV-cache decode path from the middle
+    gots, gots_dec = got[0::2], got[1::2]
     if original is not None:
         if [o.shape for o in original] != [r.shape for r in refs]:
             raise ValueError("the original parent's parity logits do not cover the same prompts")

@@ -243,6 +243,24 @@ class GreedyGeneration:
         yield StreamChunk(text[sent:], out[sent_tokens:], result)
 
 
+def logits_many(session, requests: list[tuple]) -> list[np.ndarray]:
+    """session.logits(ids, pixel_values, decode_from) of each request; at once where the session
+    batches passes (compress --low-memory's layered ONNX decoder: one pass over its layers)."""
+    if getattr(session, "batches_passes", False):
+        return session.logits_many(requests)
+    return [session.logits(ids, pv, decode_from=d) for ids, pv, d in requests]
+
+
+def greedy_answers(session, items: list[tuple], max_new_tokens: int, drafts: list | None = None) -> list[str]:
+    """generate(image, prompt, max_new_tokens, stop_at_eos=True).text of each (image, prompt); at
+    once where the session batches passes, checking `drafts` (token ids likely to be the answer:
+    the parent's) many tokens a pass. The same answers either way."""
+    if getattr(session, "batches_passes", False):
+        return session.greedy_answers(items, max_new_tokens, drafts)
+    return [session.generate(image, prompt, max_new_tokens=max_new_tokens, stop_at_eos=True).text
+            for image, prompt in items]
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters to keep unsent: a partial UTF-8 character (decoded as U+FFFD),
     or the longest tail that begins a stop string."""

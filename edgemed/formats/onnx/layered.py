@@ -127,48 +127,137 @@ class LayeredDecoder:
             inits = [self._inits[n] for n in names]
             self.peak_run_weights = max(self.peak_run_weights, sum(_init_bytes(i) for i in inits))
             graph = onnx.helper.make_graph(run.nodes, f"{self._graph.name}.run{ri}", ins, outs, initializer=inits)
-            run.model = onnx.helper.make_model(graph, opset_imports=self._opset, ir_version=self._ir).SerializeToString()
+            model = onnx.helper.make_model(graph, opset_imports=self._opset, ir_version=self._ir)
+            run.model = model.SerializeToString()
         sess = ort.InferenceSession(run.model, self._options, providers=self._providers,
                                     disabled_optimizers=self._disabled)
         for out in sess.get_outputs():
             self._types.setdefault(out.name, _ELEM[out.type])
         return sess
 
+    def forward(self, feeds: dict[str, np.ndarray], past, total: int, device: str):
+        """OnnxSession.forward's pass: `feeds` are the graph's inputs but the cache, `past` the
+        session's KV cache (its buffers are bound as they are to the whole graph). Returns the
+        logits [S, V] and the cache after the pass."""
+        import onnxruntime as ort
+
+        past.reserve(total)
+        outs = self.run(feeds, past.value, past.present_buffer, device)
+        presents = [outs[n.replace("past_key_values", "present")] for n in past.past_names]
+        presents = [ort.OrtValue.ortvalue_from_numpy(v, device, 0) if isinstance(v, np.ndarray) else v
+                    for v in presents]  # past+new of a concatenating graph, as the next pass's past
+        return outs["logits"][0], past.after(presents, total)
+
     def run(self, feeds: dict[str, np.ndarray], kv_input, kv_output, device: str) -> dict[str, Any]:
-        """One forward pass. `feeds`: the graph inputs other than the cache; `kv_input(name)`: the
-        OrtValue of a past_key_values input; `kv_output(name)`: the OrtValue a present output is
+        """One pass, run by run. `feeds`: the graph inputs other than the cache; `kv_input(name)`:
+        the OrtValue of a past_key_values input; `kv_output(name)`: the OrtValue a present output is
         written into, or None to let ONNX Runtime allocate it. Returns the graph's outputs: host
         arrays, and the cache's own buffers where `kv_output` named them."""
-        env: dict[str, Any] = {}
+        return self.run_many([(feeds, kv_input, kv_output)], device)[0]
+
+    def run_many(self, passes: list[tuple], device: str) -> list[dict[str, Any]]:
+        """Several passes (feeds, kv_input, kv_output as in `run`, and optionally whether to keep
+        only the last row of its logits), layer-major: each run's session opens once and runs every
+        pass in order before the next run's opens, so a pass that reads a cache another pass wrote
+        (a decode step after its prompt) comes after it in `passes`. Each pass computes what it
+        would alone (the same inputs reach the same kernels)."""
+        envs: list[dict[str, Any]] = [{} for _ in passes]
         for ri, run in enumerate(self.runs):
             sess = self._session(ri)
-            binding = sess.io_binding()
-            for name in run.inputs:
-                if name in feeds:
-                    binding.bind_cpu_input(name, feeds[name])
-                elif name.startswith("past_key_values."):
-                    binding.bind_ortvalue_input(name, kv_input(name))
-                else:
-                    binding.bind_cpu_input(name, env[name])
-            for name in run.outputs:
-                buf = kv_output(name) if name.startswith("present.") else None
-                if buf is not None:
-                    binding.bind_ortvalue_output(name, buf)
-                else:
-                    binding.bind_output(name, device)
-            sess.run_with_iobinding(binding)
-            # Host copies, and the cache's own buffers: an OrtValue the binding hands back keeps the
-            # session, and with it the run's repacked weights, alive.
-            outs = binding.get_outputs()
-            for name, value in zip(run.outputs, outs):
-                own = kv_output(name) if name.startswith("present.") else None
-                env[name] = own if own is not None else value.numpy()
-            del outs, value
-            for name in run.last_use:
-                env.pop(name, None)
-            del binding, sess  # this run's weights go before the next run's come
+            for env, (feeds, kv_input, kv_output, *last_row) in zip(envs, passes):
+                binding = sess.io_binding()
+                for name in run.inputs:
+                    if name in feeds:
+                        binding.bind_cpu_input(name, feeds[name])
+                    elif name.startswith("past_key_values."):
+                        binding.bind_ortvalue_input(name, kv_input(name))
+                    else:
+                        binding.bind_cpu_input(name, env[name])
+                for name in run.outputs:
+                    buf = kv_output(name) if name.startswith("present.") else None
+                    if buf is not None:
+                        binding.bind_ortvalue_output(name, buf)
+                    else:
+                        binding.bind_output(name, device)
+                sess.run_with_iobinding(binding)
+                # Host copies, and the cache's own buffers: an OrtValue the binding hands back keeps
+                # the session, and with it the run's repacked weights, alive.
+                outs = binding.get_outputs()
+                for name, value in zip(run.outputs, outs):
+                    own = kv_output(name) if name.startswith("present.") else None
+                    env[name] = own if own is not None else value.numpy()
+                    if name == "logits" and last_row and last_row[0]:
+                        env[name] = env[name][:, -1:].copy()
+                del outs, value, binding
+                for name in run.last_use:
+                    env.pop(name, None)
+            del sess  # this run's weights go before the next run's come
             _trim()
-        return {name: env[name] for name in self._graph_outputs}
+        return [{name: env[name] for name in self._graph_outputs} for env in envs]
+
+
+def _passes(session, requests: list[tuple], answer_rows: bool = False) -> list[np.ndarray]:
+    """logits(ids, pixel_values, decode_from) of each request, with the KV cache of `capacity`
+    positions, computed by the same passes: the prompt (to decode_from), then a token a pass.
+    `answer_rows`: only the rows from decode_from - 1 on (the prompt's are not kept)."""
+    passes, spans = [], []
+    for ids, pv, decode_from, capacity in requests:
+        feats = session.encode_image(pv) if pv is not None else None
+        embeds = session.input_embeds(ids, feats)
+        past = session.empty_past(capacity)
+        first = len(ids) if decode_from is None or decode_from >= len(ids) else decode_from
+        cuts = [0, first, *range(first + 1, len(ids) + 1)]
+        spans.append((len(passes), len(cuts) - 1))
+        for a, b in zip(cuts, cuts[1:]):
+            passes.append((session.feeds(embeds[:, a:b], a, ids[a:b]), past.value, past.present_buffer,
+                           answer_rows and a == 0))
+    outs = session.decoder.run_many(passes, session._ort_device)
+    return [np.concatenate([o["logits"][0] for o in outs[i:i + n]]).astype(np.float32) for i, n in spans]
+
+
+def logits_many(session, requests: list[tuple]) -> list[np.ndarray]:
+    """OnnxSession.logits of each (ids, pixel_values, decode_from), in one pass over the layers."""
+    return _passes(session, [(ids, pv, d, len(ids)) for ids, pv, d in requests])
+
+
+def greedy_answers(session, items: list[tuple], max_new_tokens: int, drafts: list | None = None) -> list[str]:
+    """OnnxSession.generate(image, prompt, max_new_tokens, stop_at_eos=True).text of each item,
+    a few passes over the layers in all. Each round feeds every unfinished prompt, then its answer
+    so far and the rest of its draft, a token a pass (generate()'s own passes, with its cache size),
+    and keeps the greedy tokens up to the first that differs from what was fed: a draft the
+    artifact agrees with is checked in one round, an answer without one grows a token a round."""
+    prompts = []
+    for image, prompt in items:
+        pv = session.pixel_values(image) if image is not None else None
+        grid = session.image_grid(image) if image is not None else (0, 0)
+        prompts.append((session.prompt_ids(prompt, image is not None, grid), pv))
+    budgets = [min(max_new_tokens, int(session.context_tokens) - len(ids)) for ids, _ in prompts]
+    for budget, (image, prompt) in zip(budgets, items):
+        if budget < 1:  # generate() refuses it, and says why
+            session.generate(image, prompt, max_new_tokens=max_new_tokens)
+    drafts = [list(map(int, d)) if d is not None else [] for d in (drafts or [None] * len(items))]
+    out: list[list[int]] = [[] for _ in items]
+    todo = list(range(len(items)))
+    while todo:
+        fed = []
+        for j in todo:
+            rest = drafts[j][len(out[j]):] if drafts[j][:len(out[j])] == out[j] else []
+            fed.append((out[j] + rest)[:budgets[j] - 1])  # the last answer token is never fed
+        logits = _passes(session, [(np.concatenate([prompts[j][0], np.asarray(f, np.int64)]), prompts[j][1],
+                                    len(prompts[j][0]), len(prompts[j][0]) + budgets[j]) for j, f in zip(todo, fed)],
+                         answer_rows=True)
+        left = []
+        for j, f, rows in zip(todo, fed, logits):
+            while True:  # rows[k] predicts answer token k
+                k = len(out[j])
+                out[j].append(int(np.argmax(rows[k])))
+                if out[j][-1] in session.eos or len(out[j]) == budgets[j]:
+                    break
+                if k >= len(f) or f[k] != out[j][-1]:  # not fed: its successor is the next round's
+                    left.append(j)
+                    break
+        todo = left
+    return [session.tokenizer.decode([t for t in o if t not in session.eos], skip_special_tokens=True) for o in out]
 
 
 def _trim() -> None:

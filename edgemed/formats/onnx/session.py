@@ -145,29 +145,45 @@ class OnnxSession(PromptAndPixels, GreedyGeneration):
         return ConcatKV.empty([f"past_key_values.{i}.{kv}" for i in range(self.n_layers) for kv in ("key", "value")],
                               shape, self._kv_dtype, self._ort_device)
 
-    def forward(self, embeds: np.ndarray, past: "KVCache",
-                ids: np.ndarray | None = None) -> tuple[np.ndarray, "KVCache"]:
-        """Run the decoder on new embeddings after `past`; returns logits [S, V] and the cache.
-        `ids` (the chunk's token ids) marks image tokens for decoders that need token_type_ids."""
+    def feeds(self, embeds: np.ndarray, start: int, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """The decoder's inputs but the cache for new embeddings at positions start.. (see forward)."""
         seq = embeds.shape[1]
-        total = past.length + seq
+        total = start + seq
         feeds = {self._first_input: np.ascontiguousarray(embeds), "attention_mask": np.ones((1, total), np.int64)}
         if self._has_position_ids:
-            feeds["position_ids"] = np.arange(past.length, total, dtype=np.int64)[None]
+            feeds["position_ids"] = np.arange(start, total, dtype=np.int64)[None]
         if self._has_token_type_ids:
             tti = np.zeros((1, seq), np.int64)
             if ids is not None and self.image is not None:
                 tti[0] = ids == self.image["image_token_id"]
             feeds["token_type_ids"] = tti
-        if not hasattr(self.decoder, "io_binding"):  # a LayeredDecoder
-            past.reserve(total)
-            outs = self.decoder.run(feeds, past.value, past.present_buffer, self._ort_device)
-            import onnxruntime as ort
+        return feeds
 
-            presents = [outs[n.replace("past_key_values", "present")] for n in past.past_names]
-            presents = [ort.OrtValue.ortvalue_from_numpy(v, self._ort_device, 0) if isinstance(v, np.ndarray) else v
-                        for v in presents]
-            return outs["logits"][0], past.after(presents, total)
+    @property
+    def batches_passes(self) -> bool:
+        """Whether logits_many / greedy_answers run many passes at once (runtime.session.logits_many):
+        a layered decoder (formats/onnx/layered.py) over one buffer per layer, whose passes it runs
+        layer by layer."""
+        return not hasattr(self.decoder, "io_binding") and self._shared_kv
+
+    def logits_many(self, requests: list[tuple]) -> list[np.ndarray]:
+        from edgemed.formats.onnx.layered import logits_many
+
+        return logits_many(self, requests)
+
+    def greedy_answers(self, items: list[tuple], max_new_tokens: int, drafts: list | None = None) -> list[str]:
+        from edgemed.formats.onnx.layered import greedy_answers
+
+        return greedy_answers(self, items, max_new_tokens, drafts)
+
+    def forward(self, embeds: np.ndarray, past: "KVCache",
+                ids: np.ndarray | None = None) -> tuple[np.ndarray, "KVCache"]:
+        """Run the decoder on new embeddings after `past`; returns logits [S, V] and the cache.
+        `ids` (the chunk's token ids) marks image tokens for decoders that need token_type_ids."""
+        total = past.length + embeds.shape[1]
+        feeds = self.feeds(embeds, past.length, ids)
+        if not hasattr(self.decoder, "io_binding"):  # a LayeredDecoder
+            return self.decoder.forward(feeds, past, total, self._ort_device)
         binding = past.binding(self.decoder, total)
         binding.bind_output("logits")  # rebound in place: its shape changes between prefill and decode
         for name, value in feeds.items():
