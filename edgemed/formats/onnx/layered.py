@@ -10,9 +10,12 @@ time, runs it, and drops it before the next: the same nodes and kernels on the s
 the whole graph, so the same logits (tests/test_streamed compares the parity records), with one
 layer's weights resident.
 
-Costs: every forward pass opens every run's session again (1.5 s a pass for the 22-layer
-TinyLlama shape here), which parity's decode path and the gate suite's answers do about a
-hundred times. Why not ONNX Runtime alone: it has no option to page weights in and out; why
+Costs: a pass over the layers opens every run's session again (1.6 s for the 22-layer TinyLlama
+shape here), so requests are batched: parity's prompts, prefill and decode path, and the gate suite's
+teacher-forced items go in one pass (`run_many`: each run's session runs every request's passes
+before the next opens), and the gate suite's greedy answers are checked against the parent's
+answers as drafts, many tokens a pass, as speculative decoding checks a draft (`greedy_answers`).
+Why not ONNX Runtime alone: it has no option to page weights in and out; why
 not onnx.utils.Extractor: it loads and copies every weight to cut a graph (here only node
 protos move; the weights stay in the artifact's file, read by offset).
 """
