@@ -82,7 +82,8 @@ def main() -> int:
              "peak_rss_gb_max": max(x["peak_rss_gb"] for x in runs[m]), **{k: runs[m][0][k] for k in
              ("layered", "sha256", "gate_kld_mean", "answer_flip_rate")}} for m in MODES]
     same = len({x["sha256"] for m in MODES for x in runs[m]}) == 1
-    data = {"artifact": str(args.artifact), "rounds": args.rounds, "machine": platform.processor() or platform.machine(),
+    data = {"artifact": str(args.artifact), "rounds": args.rounds,
+            "machine": platform.processor() or platform.machine(),
             "command": "python bench/bench_layered_parity.py " + " ".join(sys.argv[1:]), "identical": same,
             "modes": rows, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)

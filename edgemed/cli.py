@@ -385,6 +385,17 @@ def main(argv: list[str] | None = None) -> int:
         # itself; this keeps every other hub call (telemetry, update checks) off the network too.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import signal
+    import threading
+
+    def terminated(signum, frame):
+        # A job scheduler's or `kill`'s SIGTERM unwinds like an error: the temporary sibling a
+        # compress writes in (a 7B's fp32 decoder: 28 GB) is removed now, not at the next run.
+        raise SystemExit(128 + signum)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminated)
     try:
         app(args=args, standalone_mode=True)
         return 0
@@ -393,8 +404,11 @@ def main(argv: list[str] | None = None) -> int:
 
         err.print(f"[red]error[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
         return e.exit_code
-    except SystemExit as e:  # standalone click: success, --help, usage errors (2), typer.Exit(code)
+    except SystemExit as e:  # standalone click: success, --help, usage errors (2), typer.Exit(code); SIGTERM
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

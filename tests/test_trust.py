@@ -222,6 +222,30 @@ def test_sigkill_during_compress_never_leaves_a_folder_marked_complete(tmp_path,
     assert "was killed" in run.stderr
 
 
+def test_sigterm_during_compress_removes_its_temporary_folder(tmp_path, edgemed_home):
+    """`kill` (a job scheduler's SIGTERM) mid-compress: exit 143 and the temporary sibling it was
+    writing in is gone at once, not left for the next run (a 7B's holds a 28 GB fp32 decoder)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from edgemed.demo import tiny_model_dir
+
+    tiny_model_dir()
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "edgemed", "compress", "edgemed-demo-tiny", "--recipe", "int8",
+                             "-o", str(out)], env={**os.environ, "EDGEMED_HOME": str(edgemed_home)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".art.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "compress ended before its temporary folder was seen"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert not out.exists() and not list(tmp_path.glob(".art*"))
+
+
 def test_usage_errors_exit_2_without_a_traceback(capsys):
     assert main(["recipes", "--bogus"]) == 2
     assert main(["inspect"]) == 2

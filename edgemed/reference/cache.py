@@ -350,14 +350,14 @@ def compare_with_reference(session, ref_path: str | Path, *, generate: bool = Tr
             todo.append((rec, img, own, ids, plen, request, len(own) - 1, lo + plen - 1, hi))
         else:
             todo.append((rec, img, own, ids, plen, (ids, pv, None), 0, lo, hi))
-    # Teacher-forced logits, as many items at once as LOGITS_BATCH_BYTES of logits allow (a session
-    # that batches passes runs each batch in one pass over its layers).
+    # Teacher-forced logits: a session that batches passes runs as many items at once as
+    # LOGITS_BATCH_BYTES of logits allow, in one pass over its layers; others one at a time.
+    limit = LOGITS_BATCH_BYTES if getattr(session, "batches_passes", False) else 0
     got_all: list[np.ndarray] = []
     batch: list[tuple] = []
     for k, item in enumerate(todo):
         batch.append(item[5])
-        if k + 1 == len(todo) or sum(len(r[0]) for r in batch + [todo[k + 1][5]]) * 4 * meta["vocab_size"] > \
-                LOGITS_BATCH_BYTES:
+        if k + 1 == len(todo) or sum(len(r[0]) for r in batch + [todo[k + 1][5]]) * 4 * meta["vocab_size"] > limit:
             got_all += logits_many(session, batch)
             batch = []
     for (rec, img, own, ids, plen, _, skip, lo, hi), got in zip(todo, got_all):
