@@ -262,3 +262,34 @@ def test_layered_session_computes_what_the_whole_graph_does(tiny_dir, tmp_path, 
     passes = len(alive)
     assert greedy_answers(layered, items, 6, drafts=[w.token_ids for w in want]) == [w.text for w in want]
     assert len(alive) - passes == len(dec.runs)
+
+
+def test_calibration_statistics_read_each_streamed_weight_once(tiny_dir, monkeypatch):
+    """The mse grids' importance and GPTQ's Hessians from a streamed parent: every decoder layer
+    runs on all calibration feeds in turn with its weights held, so each weight is read from the
+    checkpoint once a pass, not once a feed (a 7B's full pass reads 14.5 GB)."""
+    from collections import Counter
+
+    from edgemed.calibration.feeds import decoder_feeds
+    from edgemed.formats.onnx.parent_stats import ParentStats
+    from edgemed.models import load_model
+    from edgemed.models.streamed import CheckpointTensors
+
+    cm = load_model(str(tiny_dir("llama")), low_memory=True)
+    feeds = decoder_feeds(cm, None, 4)
+    reads: Counter = Counter()
+    real = CheckpointTensors.get
+
+    def get(self, key):
+        reads[key] += 1
+        return real(self, key)
+
+    monkeypatch.setattr(CheckpointTensors, "get", get)
+    stats = ParentStats(cm, feeds)
+    by_module = stats._collect()
+    layer_keys = [k for k in reads if ".layers." in k]
+    assert len(feeds) == 4 and layer_keys and max(reads[k] for k in layer_keys) == 1
+    assert id(cm.adapter.lm_head(cm.model)) in by_module
+    reads.clear()
+    stats._head_hessian()  # runs every layer again, each read once
+    assert max(reads[k] for k in reads if ".layers." in k) == 1

@@ -69,12 +69,13 @@ class ParentStats:
         self._seq: dict = {}
 
     def _collect(self) -> dict[int, np.ndarray]:
+        """Every Linear's input mean squares (language model and lm_head), one decoder layer at a
+        time over all feeds: a streamed parent reads each layer's weights once, not once a feed (a
+        7B's full pass reads 14.5 GB)."""
         import torch
 
         if self._by_module is not None:
             return self._by_module
-        lm, head = self.cm.adapter.language_model(self.cm.model), self.cm.adapter.lm_head(self.cm.model)
-        linears = [m for m in [*lm.modules(), head] if isinstance(m, torch.nn.Linear)]
         sums: dict[int, torch.Tensor] = {}
         rows: dict[int, int] = {}
 
@@ -83,17 +84,17 @@ class ParentStats:
             sums[id(mod)] = sums.get(id(mod), 0) + (x * x).sum(0)
             rows[id(mod)] = rows.get(id(mod), 0) + x.shape[0]
 
-        handles = [m.register_forward_hook(hook) for m in dict.fromkeys(linears)]
+        hidden, rest = self._catch_layer_inputs()
+        for index in range(len(self._layers())):
+            hidden, _ = self._run_layer(index, hidden, rest[index], self._layer_linears(index), hook)
+        head = self.cm.adapter.lm_head(self.cm.model)
+        handle = head.register_forward_hook(hook)
         try:
-            with torch.no_grad():
-                for feed in self.feeds:
-                    out = lm(inputs_embeds=torch.from_numpy(feed["inputs_embeds"]),
-                             attention_mask=torch.from_numpy(feed["attention_mask"]),
-                             position_ids=torch.from_numpy(feed["position_ids"]), use_cache=False)
-                    head(out.last_hidden_state)
+            with torch.no_grad(), self._holding(head):
+                for h in self._final_norm(hidden):
+                    head(h)
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
         self._by_module = {k: (s / max(rows[k], 1)).numpy() for k, s in sums.items()}
         return self._by_module
 
@@ -157,7 +158,7 @@ class ParentStats:
         """One pass of the model over the feeds, catching what it passes each decoder layer: every
         feed's hidden states into layer 0, and for every layer each feed's other arguments (masks
         and rotary tables, the same objects for most layers; a family with sliding and global layers
-        passes each its own mask)."""
+        passes each its own mask). The layers themselves do not run (nor read their weights)."""
         import torch
 
         hidden0: list = []
@@ -170,9 +171,15 @@ class ParentStats:
                 rest[index].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}, not args))
             return catch
 
+        def skip(*args, **kwargs):  # the layer's own computation is the sequential pass's
+            return args[0] if args else kwargs["hidden_states"]
+
         lm = self.cm.adapter.language_model(self.cm.model)
-        handles = [layer.register_forward_pre_hook(catcher(i), with_kwargs=True)
-                   for i, layer in enumerate(self._layers())]
+        layers = list(self._layers())
+        handles = [layer.register_forward_pre_hook(catcher(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        own = [layer.__dict__.get("forward") for layer in layers]
+        for layer in layers:
+            layer.forward = skip
         try:
             with torch.no_grad():
                 for feed in self.feeds:
@@ -182,11 +189,16 @@ class ParentStats:
         finally:
             for h in handles:
                 h.remove()
+            for layer, forward in zip(layers, own):
+                del layer.forward
+                if forward is not None:
+                    layer.forward = forward
         return hidden0, rest
 
     def _run_layer(self, index: int, hidden: list, rest: list[tuple[tuple, dict, bool]],
-                   linears=()) -> tuple[list, dict]:
-        """Layer `index` on every feed's hidden states -> (its outputs, {id(Linear): H} for `linears`)."""
+                   linears=(), hook=None) -> tuple[list, dict]:
+        """Layer `index` on every feed's hidden states -> (its outputs, {id(Linear): H} for `linears`);
+        with `hook`, that forward hook on `linears` instead (and no Hessians)."""
         import torch
 
         # Linears that read the same tensor (q/k/v, gate/up) share one sum: X^T X once per input.
@@ -194,7 +206,7 @@ class ParentStats:
         group: dict[int, int] = {}  # id(Linear) -> the key of its input's sum
         last: dict = {"x": None, "key": None}
 
-        def hook(mod, args, out):
+        def hessian(mod, args, out):
             if args[0] is not last["x"]:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 last["x"], last["key"] = args[0], id(mod)
@@ -202,10 +214,10 @@ class ParentStats:
             group[id(mod)] = last["key"]
 
         layer = self._layers()[index]
-        handles = [m.register_forward_hook(hook) for m in dict.fromkeys(linears)]
+        handles = [m.register_forward_hook(hook or hessian) for m in dict.fromkeys(linears)]
         out = []
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._holding(layer):
                 for h, (args, kwargs, by_name) in zip(hidden, rest):
                     y = layer(hidden_states=h, **kwargs) if by_name else layer(h, *args, **kwargs)
                     out.append(y[0] if isinstance(y, tuple) else y)
@@ -215,20 +227,35 @@ class ParentStats:
         last.clear()
         return out, {m: sums[key].numpy() for m, key in group.items()}
 
-    def _head_hessian(self) -> np.ndarray:
-        """The lm_head input's Hessian, from one pass of the whole language model (its final norm
-        is the family's own)."""
+    def _holding(self, *modules):
+        """A streamed parent's weights of `modules` read once for every feed, not once a feed."""
+        import contextlib
+
+        streamed = getattr(self.cm, "streamed", None)
+        return streamed.hold(*modules) if streamed is not None else contextlib.nullcontext()
+
+    def _final_norm(self, hidden: list) -> list:
+        """What the language model returns for the last layer's outputs (its final norm)."""
         import torch
 
-        lm = self.cm.adapter.language_model(self.cm.model)
-        acc = 0
+        norm = self.cm.adapter.language_model(self.cm.model).norm
         with torch.no_grad():
-            for feed in self.feeds:
-                out = lm(inputs_embeds=torch.from_numpy(feed["inputs_embeds"]),
-                         attention_mask=torch.from_numpy(feed["attention_mask"]),
-                         position_ids=torch.from_numpy(feed["position_ids"]), use_cache=False)
-                x = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]).double()
-                acc = acc + x.T @ x
+            return [norm(h) for h in hidden]
+
+    def _head_hessian(self) -> np.ndarray:
+        """The lm_head input's Hessian: the sequential pass carried past the last layer (where the
+        layers' Hessians left it) and the model's final norm."""
+        seq, n = self._seq, len(self._layers())
+        if "rest" not in seq:
+            (seq["hidden"], seq["rest"]), seq["at"] = self._catch_layer_inputs(), 0
+        seq["layer"], seq["held"] = None, {}
+        while seq["at"] < n:
+            seq["hidden"], _ = self._run_layer(seq["at"], seq["hidden"], seq["rest"][seq["at"]])
+            seq["at"] += 1
+        acc = 0
+        for h in self._final_norm(seq["hidden"]):
+            x = h.reshape(-1, h.shape[-1]).double()
+            acc = acc + x.T @ x
         return acc.numpy()
 
 
