@@ -27,7 +27,8 @@ class OnnxBackend(FormatBackend):
     # (1.1 x), beside a VLM's vision tower and embedding table, whole; a graph below the limit is one
     # protobuf, written whole and parsed again (5 x the artifact). Fitted to bench_memory.py's int4
     # --low-memory rows (TinyLlama shape, largest tensor 0.26 GB: 11 layers 1.80 GB peak RSS,
-    # 556 MB artifact; 22 layers 1.94 GB, 956 MB, when parity held the whole artifact).
+    # 556 MB artifact; 22 layers 1.94 GB, 956 MB, when parity held the whole artifact; 1.75 / 1.78 GB
+    # a layer at a time; Mistral-7B: 2.76 GB through the streamed phases, plan 2.74).
     low_memory_stream_factor = 3.5
     LOW_MEMORY_INLINE_FACTOR, LOW_MEMORY_EXTERNAL_FACTOR = 5.0, 1.1
 

@@ -202,12 +202,23 @@ class LayeredDecoder:
 def _passes(session, requests: list[tuple], answer_rows: bool = False) -> list[np.ndarray]:
     """logits(ids, pixel_values, decode_from) of each request, with the KV cache of `capacity`
     positions, computed by the same passes: the prompt (to decode_from), then a token a pass.
+    A request may end with (past, start): that cache (start 0: filled from the prompt; start > 0:
+    holding positions before start, fed a token a pass from there, its rows only).
     `answer_rows`: only the rows from decode_from - 1 on (the prompt's are not kept)."""
     passes, spans = [], []
-    for ids, pv, decode_from, capacity in requests:
+    for ids, pv, decode_from, capacity, *cache in requests:
+        if cache and cache[1] > 0:  # (past, start): positions before start are in `past`; a token a pass on
+            past, start = cache
+            embeds = session.input_embeds(ids[start:], None)
+            cuts = list(range(start, len(ids) + 1))
+            spans.append((len(passes), len(cuts) - 1))
+            for a, b in zip(cuts, cuts[1:]):
+                passes.append((session.feeds(embeds[:, a - start:b - start], a, ids[a:b]), past.value,
+                               past.present_buffer))
+            continue
         feats = session.encode_image(pv) if pv is not None else None
         embeds = session.input_embeds(ids, feats)
-        past = session.empty_past(capacity)
+        past = cache[0] if cache else session.empty_past(capacity)
         first = len(ids) if decode_from is None or decode_from >= len(ids) else decode_from
         cuts = [0, first, *range(first + 1, len(ids) + 1)]
         spans.append((len(passes), len(cuts) - 1))
@@ -225,10 +236,11 @@ def logits_many(session, requests: list[tuple]) -> list[np.ndarray]:
 
 def greedy_answers(session, items: list[tuple], max_new_tokens: int, drafts: list | None = None) -> list[str]:
     """OnnxSession.generate(image, prompt, max_new_tokens, stop_at_eos=True).text of each item,
-    a few passes over the layers in all. Each round feeds every unfinished prompt, then its answer
-    so far and the rest of its draft, a token a pass (generate()'s own passes, with its cache size),
-    and keeps the greedy tokens up to the first that differs from what was fed: a draft the
-    artifact agrees with is checked in one round, an answer without one grows a token a round."""
+    a few passes over the layers in all. Each round feeds every unfinished item what its cache lacks
+    (the prompt, first), then its answer so far and the rest of its draft, a token a pass
+    (generate()'s own passes, with its cache size), and keeps the greedy tokens up to the first that
+    differs from what was fed: a draft the artifact agrees with is checked in one round, an answer
+    without one grows a token a round."""
     prompts = []
     for image, prompt in items:
         pv = session.pixel_values(image) if image is not None else None
@@ -240,20 +252,28 @@ def greedy_answers(session, items: list[tuple], max_new_tokens: int, drafts: lis
             session.generate(image, prompt, max_new_tokens=max_new_tokens)
     drafts = [list(map(int, d)) if d is not None else [] for d in (drafts or [None] * len(items))]
     out: list[list[int]] = [[] for _ in items]
+    # Each item's cache, kept across rounds: the prompt and the answer tokens fed and kept (a rejected
+    # draft token's entry is written over by the next pass at its position before anything reads it).
+    caches = [session.empty_past(len(ids) + budget) for (ids, _), budget in zip(prompts, budgets)]
     todo = list(range(len(items)))
     while todo:
-        fed = []
+        fed, requests = [], []
         for j in todo:
             rest = drafts[j][len(out[j]):] if drafts[j][:len(out[j])] == out[j] else []
             fed.append((out[j] + rest)[:budgets[j] - 1])  # the last answer token is never fed
-        logits = _passes(session, [(np.concatenate([prompts[j][0], np.asarray(f, np.int64)]), prompts[j][1],
-                                    len(prompts[j][0]), len(prompts[j][0]) + budgets[j]) for j, f in zip(todo, fed)],
-                         answer_rows=True)
+            ids, pv = prompts[j]
+            seq = np.concatenate([ids, np.asarray(fed[-1], np.int64)])
+            if out[j]:  # the prompt and out[j][:-1] are cached: feed from out[j][-1]
+                requests.append((seq, pv, None, 0, caches[j], len(ids) + len(out[j]) - 1))
+            else:
+                requests.append((seq, pv, len(ids), len(ids) + budgets[j], caches[j], 0))
+        logits = _passes(session, requests, answer_rows=True)
         left = []
         for j, f, rows in zip(todo, fed, logits):
-            while True:  # rows[k] predicts answer token k
+            base = len(out[j])  # rows[i] predicts answer token base + i
+            while True:
                 k = len(out[j])
-                out[j].append(int(np.argmax(rows[k])))
+                out[j].append(int(np.argmax(rows[k - base])))
                 if out[j][-1] in session.eos or len(out[j]) == budgets[j]:
                     break
                 if k >= len(f) or f[k] != out[j][-1]:  # not fed: its successor is the next round's
