@@ -12,6 +12,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from edgemed.target import Target
 
 
+SCRATCH = ".scratch"
+
+
 @dataclass
 class Context:
     """What a step sees: the model, the resolved recipe and target, and the artifact being written."""
@@ -29,6 +32,14 @@ class Context:
     calibration: dict[str, Any] | None = None
     # A copy of the model as loaded, kept only while a later `distill` step needs its logits.
     teacher: Any = None
+
+    def scratch(self) -> Path:
+        """A folder inside the artifact being written for a step's intermediate files (a streamed
+        transform's tensors, read until parity is done); compress removes it before the manifest
+        lists the files, and with the rest of the temporary folder when it fails."""
+        d = self.work_dir / SCRATCH
+        d.mkdir(exist_ok=True)
+        return d
 
     def describe(self, rel: str, component: str, fmt: str, precision: str | None) -> None:
         self.files[rel] = {"component": component, "format": fmt, "precision": precision}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ from edgemed.artifact import (ArtifactWriter, Manifest, ModelRecord, SourceFile,
 from edgemed.errors import EdgemedError, GateFailedError
 from edgemed.models import CompositeModel, load_model
 from edgemed.recipe import Recipe, compose, load_recipe
-from edgemed.context import Context
+from edgemed.context import SCRATCH, Context
 from edgemed.target import Target, host_target_name, load_target
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,7 @@ def compress(
                                            if k.endswith("_unavailable_reason")})
         if failures:
             manifest.status, manifest.status_reason = "rejected", "; ".join(failures)
+        shutil.rmtree(tmp / SCRATCH, ignore_errors=True)
         manifest.files = file_records(tmp, ctx.files)
         write_manifest(tmp, manifest)
     result = CompressResult(output=Path(output), manifest=manifest)

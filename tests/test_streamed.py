@@ -293,3 +293,28 @@ def test_calibration_statistics_read_each_streamed_weight_once(tiny_dir, monkeyp
     reads.clear()
     stats._head_hessian()  # runs every layer again, each read once
     assert max(reads[k] for k in reads if ".layers." in k) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "llava-clip"])
+def test_low_memory_width_pruning_is_the_same_bytes(tiny_dir, tmp_path, family):
+    """prune-width from a streamed parent: the channel importance from the sequential layer pass and
+    the kept rows and columns, written beside the checkpoint and read in place of its tensors, give
+    the in-memory path's pruned model: the same GGUF bytes, the same parity and pruning record; the
+    scratch tensors are not part of the artifact."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.pipeline import compress
+    from edgemed.recipe import load_recipe
+
+    (tmp_path / "width.yaml").write_text(
+        "name: prune-width-only\nsteps:\n  - step: prune-width\n    args: {fraction: 0.25, of: block_params, "
+        "importance: wanda, multiple_of: 8, calibration_count: 3}\n")
+    recipes = [load_recipe(str(tmp_path / "width.yaml")), "q8_0"]
+    src = str(tiny_dir(family))
+    full = compress(src, recipes, "cpu-x86-avx2", tmp_path / "full").manifest
+    low = compress(src, recipes, "cpu-x86-avx2", tmp_path / "low", low_memory=True).manifest
+    assert _hashes(full) == _hashes(low) and not any("scratch" in p for p in _hashes(low))
+    assert low.parity == full.parity
+    assert low.runtime["pruning"] == full.runtime["pruning"]
+    rec = low.runtime["pruning"]["prune-width"]
+    assert rec["intermediate_size"] < rec["intermediate_size_before"]
+    assert low.model.text == full.model.text

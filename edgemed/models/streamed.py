@@ -31,15 +31,25 @@ class CheckpointTensors:
     """name -> tensor of a folder of safetensors shards, read one tensor at a time."""
 
     def __init__(self, files: list[Path]):
-        from safetensors import safe_open
-
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    self.where[k] = f
-                    self.shapes[k] = tuple(h.get_slice(k).get_shape())
+            self.add(f, new=False)
+
+    def add(self, file: Path, new: bool = True) -> list[str]:
+        """The tensors of one more safetensors file (a shard, or a transform's results written
+        beside the checkpoint's: transforms.prune); `new`: its keys must be new. Returns them."""
+        from safetensors import safe_open
+
+        added = []
+        with safe_open(str(file), framework="pt") as h:
+            for k in h.keys():
+                if new and k in self.where:
+                    raise ValueError(f"{file}: tensor {k} is in {self.where[k]} already")
+                self.where[k] = file
+                self.shapes[k] = tuple(h.get_slice(k).get_shape())
+                added.append(k)
+        return added
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -62,14 +72,14 @@ class CheckpointTensors:
                 out[name] = key
         return out
 
-    def get(self, key: str):
-        """The tensor as float32 (torch), read from its shard now."""
+    def get(self, key: str, stored: bool = False):
+        """The tensor as float32 (torch), read from its shard now; `stored`: in the shard's own dtype."""
         import torch
         from safetensors import safe_open
 
         with safe_open(str(self.where[key]), framework="pt") as h:
             t = h.get_tensor(key)
-        return t.to(torch.float32) if t.is_floating_point() else t
+        return t.to(torch.float32) if t.is_floating_point() and not stored else t
 
 
 class StreamedWeights:
@@ -145,6 +155,25 @@ class StreamedWeights:
             if not self.pinned:
                 for m in loaded:
                     self._drop(m, None, None)
+
+    def replace(self, module, name: str, key: str) -> None:
+        """module.<name> becomes the checkpoint tensor `key` (added with CheckpointTensors.add): a
+        transform that changes a parameter's shape (pruning) leaves its result on disk as well, and
+        forwards, exporters and readers see it in place of the checkpoint's own."""
+        import torch
+
+        old = module._parameters[name]
+        if old.dim() and old.stride() != (0,) * old.dim():  # resident now (inside hold())
+            self.resident -= old.numel() * 4
+        self.keys.pop(id(old), None)
+        ph = torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(self.tensors.shapes[key]),
+                                requires_grad=False)
+        self.keys[id(ph)] = key
+        module._parameters[name] = ph
+
+    def read(self, param):
+        """One parameter as float32 (torch), read from the checkpoint now (placeholders only)."""
+        return self.tensors.get(self.keys[id(param)])
 
     def reader(self, param) -> Callable[[], np.ndarray] | None:
         """A loader of one parameter as float32 numpy (for writers that stream tensor by tensor)."""

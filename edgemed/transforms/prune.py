@@ -287,6 +287,12 @@ class PruneWidth(_Prune):
     name = "prune-width"
     summary = "remove FFN channels of the language model by activation importance (Wanda-style)"
     Args = PruneWidthArgs
+    streams = True  # with the weights on disk: _transform_streamed
+
+    def stream_refusal(self, target=None) -> str | None:
+        if self.args.head_fraction:
+            return "head_fraction > 0 (attention head pruning) needs the whole model in memory"
+        return None
 
     def planned_record(self, tc) -> dict[str, Any]:
         a = self.args
@@ -309,6 +315,8 @@ class PruneWidth(_Prune):
         a = self.args
         tc = ctx.cm.adapter.text_config(ctx.cm.config)
         new = width_plan(tc, a.fraction, a.of, a.multiple_of, self._what())
+        if ctx.cm.streamed is not None:
+            return self._transform_streamed(ctx, lm, new)
         mlps = [layer.mlp for layer in lm.layers]
         stats = [None] * len(mlps)
 
@@ -329,11 +337,7 @@ class PruneWidth(_Prune):
                 h.remove()
         old = mlps[0].down_proj.in_features
         for m, s in zip(mlps, stats):
-            if a.importance == "wanda":
-                score = s.sqrt() * m.down_proj.weight.double().norm(dim=0)
-            else:
-                score = s
-            keep = torch.sort(torch.topk(score, new).indices).values
+            keep = self._keep(s, m.down_proj.weight, new)
             m.gate_proj = _slice_linear(m.gate_proj, keep, dim=0)
             m.up_proj = _slice_linear(m.up_proj, keep, dim=0)
             m.down_proj = _slice_linear(m.down_proj, keep, dim=1)
@@ -343,6 +347,59 @@ class PruneWidth(_Prune):
         if a.head_fraction:
             record.update(self._prune_heads(ctx, lm, tc, calib))
         return record
+
+    def _keep(self, stat, down_weight, new: int):
+        """The `new` FFN channels kept, in order: by Wanda's score (the channel's activation norm x its
+        down_proj column norm) or the mean absolute activation."""
+        import torch
+
+        score = stat.sqrt() * down_weight.double().norm(dim=0) if self.args.importance == "wanda" else stat
+        return torch.sort(torch.topk(score, new).indices).values
+
+    def _transform_streamed(self, ctx, lm, new: int) -> dict[str, Any]:
+        """The same channels as in memory from a parent whose weights stay on disk: the importance
+        comes from the sequential layer pass (calibration.sequential: each layer's statistics on the
+        unpruned layers before it, as the in-memory hooks see them), and each layer's kept gate/up
+        rows and down_proj columns, exact slices in the checkpoint's dtype, are written to a
+        safetensors file in the artifact's scratch folder, which the streamed model then reads in
+        place of the checkpoint's tensors (StreamedWeights.replace): one layer resident."""
+        from safetensors.torch import save_file
+
+        from edgemed.calibration.feeds import decoder_feeds
+        from edgemed.calibration.sequential import LayerPass
+
+        a, cm, streamed = self.args, ctx.cm, ctx.cm.streamed
+        feeds = decoder_feeds(cm, ctx.recipe.calibration, a.calibration_count)
+        seq = LayerPass(cm, feeds)
+        ctx.progress(f"prune-width: channel importance, one layer at a time over {len(feeds)} calibration feeds")
+        hidden, rest = seq.catch_layer_inputs()
+        old = lm.layers[0].mlp.down_proj.in_features
+        for i, layer in enumerate(lm.layers):
+            acc: dict[str, Any] = {}
+
+            def hook(mod, args, out):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                s = (x * x).sum(0) if a.importance == "wanda" else x.abs().sum(0)
+                acc["s"] = s if "s" not in acc else acc["s"] + s
+
+            m = layer.mlp
+            hidden, _ = seq.run_layer(i, hidden, rest[i], [m.down_proj], hook)
+            keep = self._keep(acc["s"], streamed.read(m.down_proj.weight), new)
+            moves = [(lin, name, p, dim) for lin, dim in ((m.gate_proj, 0), (m.up_proj, 0), (m.down_proj, 1))
+                     for name, p in lin._parameters.items() if p is not None and (p.dim() == 2 or dim == 0)]
+            out = {f"{self.name}.{streamed.keys[id(p)]}":
+                   streamed.tensors.get(streamed.keys[id(p)], stored=True).index_select(dim, keep).contiguous()
+                   for _, _, p, dim in moves}
+            file = ctx.scratch() / f"{self.name}-layer{i}.safetensors"
+            save_file(out, str(file))
+            streamed.tensors.add(file)
+            for (lin, name, p, dim), key in zip(moves, out):
+                streamed.replace(lin, name, key)
+            m.gate_proj.out_features = m.up_proj.out_features = m.down_proj.in_features = new
+            if hasattr(m, "intermediate_size"):
+                m.intermediate_size = new
+        tokens = int(sum(f["attention_mask"].sum() for f in feeds))
+        return {"intermediate_size_before": old, "intermediate_size": new, "calibration_tokens": tokens}
 
     def _prune_heads(self, ctx, lm, tc, calib) -> dict[str, Any]:
         """Remove whole KV groups: q rows of the group's query heads, the k/v rows of its key/value

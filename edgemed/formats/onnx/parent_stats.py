@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgemed.calibration.sequential import LayerPass
 from edgemed.errors import EdgemedError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,13 +57,13 @@ def builder_graph_mapped(cm: "CompositeModel", model) -> bool:
                if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in inits)
 
 
-class ParentStats:
+class ParentStats(LayerPass):
     """Calibration statistics of the builder decoder's MatMul inputs, by graph input name, from the
     parent over the calibration feeds (decoder_feeds): every Linear input's mean squares from one
     pass of its language model and lm_head, GPTQ's Hessians one decoder layer at a time."""
 
     def __init__(self, cm: "CompositeModel", feeds: list[dict]):
-        self.cm, self.feeds = cm, feeds
+        super().__init__(cm, feeds)
         self._by_module: dict[int, np.ndarray] | None = None
         # The sequential pass of hessians(): every feed's hidden states into layer `at`, the other
         # arguments of every layer, and the Hessians of layer `layer`'s Linears (one layer's only).
@@ -84,14 +85,14 @@ class ParentStats:
             sums[id(mod)] = sums.get(id(mod), 0) + (x * x).sum(0)
             rows[id(mod)] = rows.get(id(mod), 0) + x.shape[0]
 
-        hidden, rest = self._catch_layer_inputs()
-        for index in range(len(self._layers())):
-            hidden, _ = self._run_layer(index, hidden, rest[index], self._layer_linears(index), hook)
+        hidden, rest = self.catch_layer_inputs()
+        for index in range(len(self.layers())):
+            hidden, _ = self.run_layer(index, hidden, rest[index], self.layer_linears(index), hook)
         head = self.cm.adapter.lm_head(self.cm.model)
         handle = head.register_forward_hook(hook)
         try:
-            with torch.no_grad(), self._holding(head):
-                for h in self._final_norm(hidden):
+            with torch.no_grad(), self.holding(head):
+                for h in self.final_norm(hidden):
                     head(h)
         finally:
             handle.remove()
@@ -127,9 +128,6 @@ class ParentStats:
 
     # --- the sequential pass behind LayerHessians ---
 
-    def _layers(self):
-        return self.cm.adapter.language_model(self.cm.model).layers
-
     def _hessian(self, index: int | None, linear) -> np.ndarray:
         """H of `linear`'s input in decoder layer `index` (None: the lm_head). Layers are passed in
         order, once (an earlier layer than the last one starts the pass again), across every
@@ -140,120 +138,27 @@ class ParentStats:
         if index != seq.get("layer"):
             seq["held"] = {}
             if "rest" not in seq or index < seq["at"]:
-                (seq["hidden"], seq["rest"]), seq["at"] = self._catch_layer_inputs(), 0
+                (seq["hidden"], seq["rest"]), seq["at"] = self.catch_layer_inputs(), 0
             while seq["at"] < index:  # layers no MatMul asks for
-                seq["hidden"], _ = self._run_layer(seq["at"], seq["hidden"], seq["rest"][seq["at"]])
+                seq["hidden"], _ = self.run_layer(seq["at"], seq["hidden"], seq["rest"][seq["at"]])
                 seq["at"] += 1
-            seq["hidden"], seq["held"] = self._run_layer(index, seq["hidden"], seq["rest"][index],
-                                                         self._layer_linears(index))
+            seq["hidden"], seq["held"] = self.run_layer(index, seq["hidden"], seq["rest"][index],
+                                                         self.layer_linears(index))
             seq["at"], seq["layer"] = index + 1, index
         return seq["held"][id(linear)]
-
-    def _layer_linears(self, index: int) -> list:
-        import torch
-
-        return [m for m in self._layers()[index].modules() if isinstance(m, torch.nn.Linear)]
-
-    def _catch_layer_inputs(self) -> tuple[list, list[list[tuple[tuple, dict, bool]]]]:
-        """One pass of the model over the feeds, catching what it passes each decoder layer: every
-        feed's hidden states into layer 0, and for every layer each feed's other arguments (masks
-        and rotary tables, the same objects for most layers; a family with sliding and global layers
-        passes each its own mask). The layers themselves do not run (nor read their weights)."""
-        import torch
-
-        hidden0: list = []
-        rest: list[list[tuple[tuple, dict, bool]]] = [[] for _ in self._layers()]
-
-        def catcher(index: int):
-            def catch(module, args, kwargs):  # (args but the hidden states, kwargs, whether it came by name)
-                if index == 0:
-                    hidden0.append(args[0] if args else kwargs["hidden_states"])
-                rest[index].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}, not args))
-            return catch
-
-        def skip(*args, **kwargs):  # the layer's own computation is the sequential pass's
-            return args[0] if args else kwargs["hidden_states"]
-
-        lm = self.cm.adapter.language_model(self.cm.model)
-        layers = list(self._layers())
-        handles = [layer.register_forward_pre_hook(catcher(i), with_kwargs=True) for i, layer in enumerate(layers)]
-        own = [layer.__dict__.get("forward") for layer in layers]
-        for layer in layers:
-            layer.forward = skip
-        try:
-            with torch.no_grad():
-                for feed in self.feeds:
-                    lm(inputs_embeds=torch.from_numpy(feed["inputs_embeds"]),
-                       attention_mask=torch.from_numpy(feed["attention_mask"]),
-                       position_ids=torch.from_numpy(feed["position_ids"]), use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-            for layer, forward in zip(layers, own):
-                del layer.forward
-                if forward is not None:
-                    layer.forward = forward
-        return hidden0, rest
-
-    def _run_layer(self, index: int, hidden: list, rest: list[tuple[tuple, dict, bool]],
-                   linears=(), hook=None) -> tuple[list, dict]:
-        """Layer `index` on every feed's hidden states -> (its outputs, {id(Linear): H} for `linears`);
-        with `hook`, that forward hook on `linears` instead (and no Hessians)."""
-        import torch
-
-        # Linears that read the same tensor (q/k/v, gate/up) share one sum: X^T X once per input.
-        sums: dict[int, torch.Tensor] = {}  # by the first Linear to read each input
-        group: dict[int, int] = {}  # id(Linear) -> the key of its input's sum
-        last: dict = {"x": None, "key": None}
-
-        def hessian(mod, args, out):
-            if args[0] is not last["x"]:
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-                last["x"], last["key"] = args[0], id(mod)
-                sums[id(mod)] = sums.get(id(mod), 0) + x.T @ x
-            group[id(mod)] = last["key"]
-
-        layer = self._layers()[index]
-        handles = [m.register_forward_hook(hook or hessian) for m in dict.fromkeys(linears)]
-        out = []
-        try:
-            with torch.no_grad(), self._holding(layer):
-                for h, (args, kwargs, by_name) in zip(hidden, rest):
-                    y = layer(hidden_states=h, **kwargs) if by_name else layer(h, *args, **kwargs)
-                    out.append(y[0] if isinstance(y, tuple) else y)
-        finally:
-            for h in handles:
-                h.remove()
-        last.clear()
-        return out, {m: sums[key].numpy() for m, key in group.items()}
-
-    def _holding(self, *modules):
-        """A streamed parent's weights of `modules` read once for every feed, not once a feed."""
-        import contextlib
-
-        streamed = getattr(self.cm, "streamed", None)
-        return streamed.hold(*modules) if streamed is not None else contextlib.nullcontext()
-
-    def _final_norm(self, hidden: list) -> list:
-        """What the language model returns for the last layer's outputs (its final norm)."""
-        import torch
-
-        norm = self.cm.adapter.language_model(self.cm.model).norm
-        with torch.no_grad():
-            return [norm(h) for h in hidden]
 
     def _head_hessian(self) -> np.ndarray:
         """The lm_head input's Hessian: the sequential pass carried past the last layer (where the
         layers' Hessians left it) and the model's final norm."""
-        seq, n = self._seq, len(self._layers())
+        seq, n = self._seq, len(self.layers())
         if "rest" not in seq:
-            (seq["hidden"], seq["rest"]), seq["at"] = self._catch_layer_inputs(), 0
+            (seq["hidden"], seq["rest"]), seq["at"] = self.catch_layer_inputs(), 0
         seq["layer"], seq["held"] = None, {}
         while seq["at"] < n:
-            seq["hidden"], _ = self._run_layer(seq["at"], seq["hidden"], seq["rest"][seq["at"]])
+            seq["hidden"], _ = self.run_layer(seq["at"], seq["hidden"], seq["rest"][seq["at"]])
             seq["at"] += 1
         acc = 0
-        for h in self._final_norm(seq["hidden"]):
+        for h in self.final_norm(seq["hidden"]):
             x = h.reshape(-1, h.shape[-1]).double()
             acc = acc + x.T @ x
         return acc.numpy()
