@@ -32,6 +32,8 @@ class Context:
     calibration: dict[str, Any] | None = None
     # A copy of the model as loaded, kept only while a later `distill` step needs its logits.
     teacher: Any = None
+    # Its StreamedWeights where it is read from the checkpoint while it runs (pipeline._teacher).
+    teacher_weights: Any = None
 
     def scratch(self) -> Path:
         """A folder inside the artifact being written for a step's intermediate files (a streamed

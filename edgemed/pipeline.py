@@ -105,13 +105,16 @@ def _teacher(cm: CompositeModel, ctx: Context, **load_kw):
 
     from edgemed.errors import BadInputError
 
-    if cm.streamed is None and cm.source_files and all(f.suffix != ".gguf" for f in cm.source_files):
+    if cm.streamed is not None or (cm.source_files and all(f.suffix != ".gguf" for f in cm.source_files)):
         try:
-            teacher = load_model(cm.source, low_memory=True, **load_kw).model
+            teacher = load_model(cm.source, low_memory=True, **load_kw)
             ctx.notes.append("distill: the teacher (the model as loaded) is read from the checkpoint while it runs, "
                              "not copied in memory (--low-memory's streamed parent)")
-            return teacher
+            ctx.teacher_weights = teacher.streamed
+            return teacher.model
         except BadInputError as e:
+            if cm.streamed is not None:  # loaded so once already: the same checkpoint cannot fail now
+                raise
             ctx.notes.append(f"distill: the teacher is a copy in memory ({e.what}: {e.reason})")
     return copy.deepcopy(cm.model).eval()
 
@@ -194,7 +197,8 @@ def compress(
         ref_rel = cache_parent_reference(cm, tmp)
         ctx.describe(ref_rel, component="reference", fmt="npz", precision=None)
         if any(s.name == "distill" for s in steps):
-            ctx.teacher = _teacher(cm, ctx, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+            ctx.teacher = _teacher(cm, ctx, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                   vision_tower=vision_tower)
         for step in steps:
             say(f"step {step.name}")
             step.run(ctx)

@@ -385,7 +385,7 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
         held = backend.low_memory_parity_bytes(at_parity, shape.facts.num_layers)
         # What a step holds (GPTQ's Hessians) is resident with the streamed weights, not in parity.
         streamed = (backend.low_memory_stream_factor or HOST_STREAM_FACTOR) * largest + \
-            sum(_step_parts(recipe, shape).values())
+            sum(_step_parts(recipe, shape, low_memory=True).values())
         parts = {"process": HOST_PROCESS_BYTES, f"{recipe.format} export and quantize": int(backend.host_transient_fixed),
                  STREAM_PART: int(max(streamed, held + kv_f32))}
         return _host_check(parts, int(artifact + backend.host_scratch * fp32), host_memory_gb, output, low_memory=True)
@@ -402,11 +402,11 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
                        host_memory_gb, output)
 
 
-def _step_parts(recipe: Recipe, shape: _ModelShape) -> dict[str, int]:
+def _step_parts(recipe: Recipe, shape: _ModelShape, low_memory: bool = False) -> dict[str, int]:
     """What steps hold of their own (Step.host_bytes: distill's optimizer, GPTQ's Hessians)."""
     from edgemed.steps import STEPS
 
-    held = {f"{s.step} step": int(s.build().host_bytes(shape)) for s in recipe.steps
+    held = {f"{s.step} step": int(s.build().host_bytes(shape, low_memory=low_memory)) for s in recipe.steps
             if hasattr(STEPS.get(s.step), "host_bytes")}
     return {k: v for k, v in held.items() if v > 0}
 

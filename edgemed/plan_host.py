@@ -70,11 +70,17 @@ def streaming_refusal(recipe: Recipe, target=None) -> str | None:
     and its arguments must not need the whole model (Step.stream_refusal)."""
     from edgemed.steps import STEPS
 
-    for spec in recipe.steps:
+    from edgemed.transforms.distill_local import RECOVERS
+
+    for i, spec in enumerate(recipe.steps):
         if not getattr(STEPS.get(spec.step), "streams", False):
             return f"its step {spec.step} needs the whole model in memory"
         if why := spec.build().stream_refusal(target):
             return f"its step {spec.step}: {why}"
+        transforms = [s.step for s in recipe.steps[:i] if STEPS.get(s.step).stage == "model"]
+        if spec.step == "distill" and not set(transforms) <= set(RECOVERS):
+            return (f"its step distill recovers only {', '.join(RECOVERS)} layer by layer with the weights on disk "
+                    f"(after {', '.join(transforms)} it trains the whole student)")
     return None
 
 

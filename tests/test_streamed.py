@@ -82,7 +82,8 @@ def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recip
 
 
 @pytest.mark.parametrize("family,recipe,why", [
-    ("llama", "prune-width-25", "prune"),  # its distillation trains the whole student
+    ("llama", "prune-depth-25", "prune-depth"),  # dropping blocks needs the whole model's influence scores
+    ("llama", "moe-8x-top2", "moe"),  # its distillation trains the whole student
     ("llama", "trt-int8", "trt-"),  # TensorRT's Q/DQ steps are not streamed
 ])
 def test_low_memory_refuses_a_recipe_that_needs_the_whole_model(tiny_dir, tmp_path, capsys, family, recipe, why):
@@ -318,3 +319,22 @@ def test_low_memory_width_pruning_is_the_same_bytes(tiny_dir, tmp_path, family):
     rec = low.runtime["pruning"]["prune-width"]
     assert rec["intermediate_size"] < rec["intermediate_size_before"]
     assert low.model.text == full.model.text
+
+
+def test_low_memory_distillation_refits_each_layer(tiny_dir, tmp_path):
+    """prune-width-25 (prune + distill) with the weights on disk: the recovery is layer-local (each
+    FFN's down projection refit by least squares to the teacher's FFN output), it lowers every
+    layer's error and the KLD to the unpruned parent, and the artifact holds no scratch tensors."""
+    pytest.importorskip("llama_cpp")
+    from edgemed.pipeline import compress
+
+    m = compress(str(tiny_dir("llama")), ["prune-width-25", "q8_0"], "cpu-x86-avx2", tmp_path / "low",
+                 low_memory=True).manifest
+    d = m.runtime["distill"]
+    assert d["method"].startswith("layer-local least squares")
+    assert d["kld_vs_parent_after"]["kld_mean"] < d["kld_vs_parent_before"]["kld_mean"]
+    assert all(0 <= f["relative_error_after"] < f["relative_error_before"] for f in d["layers"])
+    assert len(d["layers"]) == m.model.text["num_layers"]
+    assert not any(".scratch" in f.path for f in m.files) and not (tmp_path / "low" / ".scratch").exists()
+    assert m.plan["host"]["weights"] == "on disk (--low-memory)"
+    assert m.parity["kld_mean"] < 1.0

@@ -76,14 +76,26 @@ class Distill(Step):
     summary = "recover a pruned / MoE model by logit distillation from the untransformed parent"
     Args = DistillArgs
 
-    def host_bytes(self, shape) -> int:
+    # With the weights on disk (--low-memory) the recovery is layer-local: distill_local.py.
+    streams = True
+
+    def host_bytes(self, shape, low_memory: bool = False) -> int:
         """What training adds to compress's peak RAM (plan.host_estimate): gradients and AdamW's two
         moments, fp32, for the transformed model's decoder blocks (`shape`: plan's _ModelShape;
         `train: ffn` trains fewer and is planned the same, an upper bound). Measured by
-        bench_memory.py: prune-width-25 + q8_0 peaked at 3.29 / 6.25 GB where the plan says 3.62 / 6.78."""
+        bench_memory.py: prune-width-25 + q8_0 peaked at 3.29 / 6.25 GB where the plan says 3.62 / 6.78.
+        With `low_memory`, one layer's least-squares sums (distill_local.host_bytes)."""
+        if low_memory:
+            from edgemed.transforms.distill_local import host_bytes
+
+            return host_bytes(shape)
         return 3 * 4 * shape.counts.get("language", 0)
 
     def run(self, ctx: "Context") -> None:
+        if ctx.cm.streamed is not None:
+            from edgemed.transforms.distill_local import recover
+
+            return recover(self, ctx)
         import torch
         from tqdm import tqdm
 

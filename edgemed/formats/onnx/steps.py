@@ -68,7 +68,7 @@ class OnnxQuantize(Step):
     Args = OnnxQuantizeArgs
     streams = True  # the decoder node by node from its external data (quantize_graph_streamed)
 
-    def host_bytes(self, shape) -> int:
+    def host_bytes(self, shape, low_memory: bool = False) -> int:
         """GPTQ's share of compress's peak RAM (plan.host_estimate; `shape`: plan's _ModelShape): one
         decoder layer's input Hessians in float64 (parent_stats' layer-by-layer pass: q/k/v, o,
         gate/up and down read four inputs) and gptq_quantize's copy, inverse and Cholesky factor of
