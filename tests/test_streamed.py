@@ -149,7 +149,7 @@ def test_plan_offers_low_memory_and_checks_the_host(tmp_path, capsys):
                "--low-memory", "--json"])
     out = capsys.readouterr().out
     assert rc == 0 and json.loads(out)["host"]["feasible"] is True
-    rc = main(["plan", src, "--recipe", "prune-width-25", "--low-memory"])
+    rc = main(["plan", src, "--recipe", "prune-depth-25", "--recipe", "q8_0", "--low-memory"])
     assert rc == 2 and "cannot run with --low-memory" in capsys.readouterr().err
 
 
