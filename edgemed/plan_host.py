@@ -45,7 +45,7 @@ HOST_STREAM_FACTOR = 2.0
 # The context of compress --low-memory's parity session (the parity prompts and gate suite fit).
 LOW_MEMORY_PARITY_CONTEXT = 2048
 LOW_MEMORY_FIX = ("use a recipe that streams (GGUF: q4_k_m, q8_0, ...; ONNX: int4, int4-fast, int4-gptq, int8, "
-                  "int8-mse) with --low-memory, or compress without it")
+                  "int8-mse; prune-width-25 before either) with --low-memory, or compress without it")
 STREAM_PART = "streamed parent (largest tensors) or the artifact and its KV cache in parity, the larger"
 
 

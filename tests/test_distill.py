@@ -92,3 +92,21 @@ def test_parent_data_distillation_draws_a_curve_and_resumes_after_an_interruptio
     assert d["data"]["kind"] == "parent" and d["data"]["samples"] == 6 and d["data"]["heldout_sequences"] == 2
     assert d["curve"][0]["kld_mean"] > 0 and d["curve"][-1]["kld_mean"] < d["curve"][0]["kld_mean"]
     assert not list((tmp_path / "home" / "distill").glob("*.pt"))  # the checkpoint is gone when done
+
+
+def test_refit_before_distillation_starts_from_each_layers_least_squares_fit(tmp_path, monkeypatch):
+    """distill refit=true: each pruned FFN's down projection is refit to the parent's FFN output before
+    KD (distill_local.refit_ffns, in memory), which lowers each layer's error and the KLD KD starts from."""
+    from edgemed.models.tiny import build_tiny
+    from edgemed.pipeline import compress
+
+    monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
+    model = build_tiny("llama", tmp_path / "m", num_hidden_layers=2, intermediate_size=256)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: width-refit\nsteps:\n  - step: prune-width\n    args: {fraction: 0.25, calibration_count: 4}\n"
+                      "  - step: distill\n    args: {steps: 2, batch: 1, calibration_count: 4, refit: true}\n")
+    m = compress(str(model), [str(recipe), "q8_0"], TARGET, tmp_path / "a").manifest
+    d = m.runtime["distill"]
+    assert [f["layer"] for f in d["refit"]["layers"]] == [0, 1]
+    assert all(0 <= f["relative_error_after"] < f["relative_error_before"] for f in d["refit"]["layers"])
+    assert d["refit"]["kld_vs_parent"]["kld_mean"] < d["kld_vs_parent_before"]["kld_mean"]

@@ -57,6 +57,10 @@ class DistillArgs(StepArgs):
     # The KLD-vs-steps curve, on the parent's answers to held-out topics: every `eval_every` steps (0: none).
     eval_every: int = Field(0, ge=0)
     eval_samples: int = Field(8, ge=1, le=1000)
+    # Before KD, refit each width-pruned FFN's down projection by least squares to the parent's FFN
+    # output on the calibration set, one layer at a time (distill_local.refit_ffns: what --low-memory
+    # does instead of KD), so that training starts from each layer's own best fit.
+    refit: bool = False
 
 
 # Args that do not change what a resumed run trains on: a run continues from a checkpoint written
@@ -120,6 +124,12 @@ class Distill(Step):
         calib = calibration_set(cm, ctx.recipe.calibration, "multimodal" if cm.multimodal else "text",
                                 a.calibration_count)
         ckpt = _cache_dir() / f"{self._key(cm, ctx)}.pt"
+        refit = None
+        if a.refit and not ckpt.is_file():  # a resumed run's weights come from its checkpoint
+            from edgemed.transforms.distill_local import refit_ffns
+
+            refit = {"layers": refit_ffns(self, ctx),
+                     "kld_vs_parent": compare_logits(ref, np.concatenate(parity_prompt_logits(cm)))}
         samples, heldout = self._data(cm, ctx, calib)
         params = self._trainable(lm)
         for p in cm.model.parameters():
@@ -203,6 +213,7 @@ class Distill(Step):
             "seconds": round(time.perf_counter() - t0, 1),
             # On the parity prompts, every position, against the teacher (the untransformed model).
             "kld_vs_parent_before": before, "kld_vs_parent_after": after,
+            "refit": refit,  # with `refit`: each layer's least-squares fit and the KLD it left before KD
             "sparsity_kept": bool(masks),
             "calibration": calib.record(),
             "data": self._data_record(samples, heldout),

@@ -50,37 +50,62 @@ def host_bytes(shape) -> int:
 
 
 def recover(step, ctx: "Context") -> None:
-    """Refit every pruned FFN's down projection against the teacher (see the module doc)."""
+    """The distill step with the weights on disk: every pruned FFN's down projection refit against
+    the teacher (see the module doc), and the record distill writes."""
+    from edgemed.reference.metrics import compare_logits
+    from edgemed.reference.parent import parity_prompt_logits
+
+    a, cm = step.args, ctx.cm
+    teacher = dataclasses.replace(cm, model=ctx.teacher, streamed=ctx.teacher_weights)
+    t0 = time.perf_counter()
+    ref = np.concatenate(parity_prompt_logits(teacher))
+    before = compare_logits(ref, np.concatenate(parity_prompt_logits(cm)))
+    record: dict[str, Any] = {}
+    fits = refit_ffns(step, ctx, record)
+    after = compare_logits(ref, np.concatenate(parity_prompt_logits(cm)))
+    ctx.runtime["distill"] = {
+        "args": a.model_dump(mode="json"), "teacher": "the loaded model before the recipe's transforms",
+        "method": "layer-local least squares (--low-memory): each FFN's down_proj refit to the teacher's FFN "
+                  "output on the teacher's inputs; steps, lr, batch, temperature and train do not apply",
+        "damp": DAMP, "layers": fits, "seconds": round(time.perf_counter() - t0, 1),
+        "kld_vs_parent_before": before, "kld_vs_parent_after": after, "calibration": record,
+    }
+    ctx.notes.append(f"distill (--low-memory, layer-local least squares): KLD vs the untransformed parent "
+                     f"{before['kld_mean']:.4g} -> {after['kld_mean']:.4g}")
+    ctx.teacher = ctx.teacher_weights = None
+
+
+def refit_ffns(step, ctx: "Context", record: dict | None = None) -> list[dict]:
+    """Refit each of the student's (ctx.cm) FFN down projections by least squares to the teacher's
+    (ctx.teacher) FFN output on the teacher's inputs, one decoder layer at a time over the step's
+    calibration set; a streamed student reads the refit weights from the artifact's scratch folder,
+    an in-memory one has them copied in. Returns each layer's relative squared error before and after."""
+    import contextlib
+
     import torch
     from safetensors.torch import save_file
 
     from edgemed.calibration.feeds import decoder_feeds
     from edgemed.calibration.sequential import LayerPass
-    from edgemed.reference.metrics import compare_logits
-    from edgemed.reference.parent import parity_prompt_logits
 
-    a, cm, streamed = step.args, ctx.cm, ctx.cm.streamed
+    cm, streamed = ctx.cm, ctx.cm.streamed
     teacher = dataclasses.replace(cm, model=ctx.teacher, streamed=ctx.teacher_weights)
     students = cm.adapter.language_model(cm.model).layers
-    t0 = time.perf_counter()
-    ref = np.concatenate(parity_prompt_logits(teacher))
-    before = compare_logits(ref, np.concatenate(parity_prompt_logits(cm)))
-    record: dict[str, Any] = {}
-    feeds = decoder_feeds(teacher, ctx.recipe.calibration, a.calibration_count, record)
+    feeds = decoder_feeds(teacher, ctx.recipe.calibration, step.args.calibration_count, record)
     seq = LayerPass(teacher, feeds)
     if len(seq.layers()) != len(students):
-        raise BadInputError(f"step {step.name}", "with --low-memory recovers width-pruned FFNs only (the student "
+        raise BadInputError(f"step {step.name}", "refits width-pruned FFNs only (the student "
                             f"has {len(students)} layers, the teacher {len(seq.layers())})",
-                            "compress without --low-memory to distill end to end")
-    ctx.progress(f"distill (--low-memory): each FFN's down projection refit, one layer at a time over "
+                            "compress without --low-memory to distill end to end, without refit")
+    ctx.progress(f"distill: each FFN's down projection refit by least squares, one layer at a time over "
                  f"{len(feeds)} calibration feeds")
     hidden, rest = seq.catch_layer_inputs()
     fits = []
     for i, (t_layer, s_layer) in enumerate(zip(seq.layers(), students)):
         t_mlp, s_mlp = t_layer.mlp, s_layer.mlp
         if not all(hasattr(m, n) for m in (t_mlp, s_mlp) for n in ("gate_proj", "up_proj", "down_proj")):
-            raise BadInputError(f"step {step.name}", f"with --low-memory recovers gated FFNs only (layer {i}: "
-                                f"{type(s_mlp).__name__})", "compress without --low-memory to distill end to end")
+            raise BadInputError(f"step {step.name}", f"refits gated FFNs only (layer {i}: {type(s_mlp).__name__})",
+                                "compress without --low-memory to distill end to end, without refit")
         acc: dict[str, Any] = {}
 
         def catch_h(mod, args, out):
@@ -97,31 +122,26 @@ def recover(step, ctx: "Context") -> None:
 
         handle = s_mlp.down_proj.register_forward_hook(catch_h)
         try:
-            with streamed.hold(s_mlp), torch.no_grad():
+            with (streamed.hold(s_mlp) if streamed is not None else contextlib.nullcontext()), torch.no_grad():
                 hidden, _ = seq.run_layer(i, hidden, rest[i], [t_mlp], teacher_ffn)
         finally:
             handle.remove()
         hh, hy = acc["hh"], acc["hy"]
         damp = DAMP * float(hh.diagonal().mean()) or 1e-8
         w = torch.linalg.solve(hh + damp * torch.eye(hh.shape[0], dtype=hh.dtype), hy).T.float().contiguous()
-        old_key = streamed.keys[id(s_mlp.down_proj.weight)]
+        old = streamed.read(s_mlp.down_proj.weight) if streamed is not None else s_mlp.down_proj.weight.detach()
         fits.append({"layer": i, **{f"relative_error_{when}": _relative_error(hh, hy, acc["yy"], m.double())
-                                    for when, m in (("before", streamed.read(s_mlp.down_proj.weight)), ("after", w))}})
+                                    for when, m in (("before", old), ("after", w))}})
+        if streamed is None:
+            with torch.no_grad():
+                s_mlp.down_proj.weight.copy_(w)
+            continue
+        key = f"{step.name}.{streamed.keys[id(s_mlp.down_proj.weight)]}"
         file = ctx.scratch() / f"{step.name}-layer{i}.safetensors"
-        save_file({f"{step.name}.{old_key}": w}, str(file))
+        save_file({key: w}, str(file))
         streamed.tensors.add(file)
-        streamed.replace(s_mlp.down_proj, "weight", f"{step.name}.{old_key}")
-    after = compare_logits(ref, np.concatenate(parity_prompt_logits(cm)))
-    ctx.runtime["distill"] = {
-        "args": a.model_dump(mode="json"), "teacher": "the loaded model before the recipe's transforms",
-        "method": "layer-local least squares (--low-memory): each FFN's down_proj refit to the teacher's FFN "
-                  "output on the teacher's inputs; steps, lr, batch, temperature and train do not apply",
-        "damp": DAMP, "layers": fits, "seconds": round(time.perf_counter() - t0, 1),
-        "kld_vs_parent_before": before, "kld_vs_parent_after": after, "calibration": record,
-    }
-    ctx.notes.append(f"distill (--low-memory, layer-local least squares): KLD vs the untransformed parent "
-                     f"{before['kld_mean']:.4g} -> {after['kld_mean']:.4g}")
-    ctx.teacher = ctx.teacher_weights = None
+        streamed.replace(s_mlp.down_proj, "weight", key)
+    return fits
 
 
 def _relative_error(hh, hy, yy: float, w) -> float:

@@ -310,8 +310,6 @@ class PruneWidth(_Prune):
                 "num_key_value_heads_before": kv}
 
     def transform(self, ctx, lm, calib) -> dict[str, Any]:
-        import torch
-
         a = self.args
         tc = ctx.cm.adapter.text_config(ctx.cm.config)
         new = width_plan(tc, a.fraction, a.of, a.multiple_of, self._what())
