@@ -5,17 +5,23 @@ moments for the whole student (12 bytes a parameter), which grows with the model
 left on disk the recovery is local instead, one decoder layer at a time, as the pruning literature's
 reconstruction steps are (SparseGPT's and ZipLM's layer-wise reconstruction, FLAP's compensation):
 each width-pruned FFN's down projection is refit by least squares so that, on the teacher's own
-inputs over the calibration set, the student's FFN reproduces the teacher's FFN output,
+inputs over the calibration set, the student's FFN reproduces the teacher's FFN output (less its
+down_proj bias), every calibration position a row H (the student's kept channel activations,
+down_proj's input) -> Y. The fit is ridge regression towards the pruned weights W0,
 
-    W'^T = (H^T H + damp I)^-1 H^T Y
+    W^T = W0^T + (H^T H + lam I)^-1 (H^T Y - H^T H W0^T),
 
-where H holds the student's kept channel activations (down_proj's input) and Y the teacher's FFN
-output (less its down_proj bias), every calibration position a row. That is the exact optimum of the
-layer's own squared error, in closed form: the step's `steps`, `lr`, `batch`, `temperature` and
-`train` do not apply and are recorded as such. One layer of the teacher and the student is
-resident, with H^T H (intermediate^2) and H^T Y (intermediate x hidden) in float64. The refit
-weights go to the artifact's scratch folder (fp32) and the streamed student reads them in place of
-its own (StreamedWeights.replace), so the export and parity see the recovered model.
+lam chosen by 2-fold cross-validation over the calibration feeds and the fit kept only where it
+beats W0 on the held-out fold: a layer has as many unknowns per output as kept channels (3,840 for
+the TinyLlama shape), more than a small calibration set has positions, and a plain least-squares
+fit would then reproduce the calibration set exactly and generalise to nothing. The step's `steps`,
+`lr`, `batch`, `temperature` and `train` do not apply and are recorded as such. One layer of the
+teacher and the student is resident, with H^T H (intermediate^2) and H^T Y (intermediate x hidden)
+of each fold in float64. The refit weights go to the artifact's scratch folder (fp32) and the
+streamed student reads them in place of its own (StreamedWeights.replace), so the export and
+parity see the recovered model. The manifest records each layer's chosen lam and its relative
+error before and after, held out and on all rows; the KLD before/after on the parity prompts is
+in-sample for the default calibration set (its first turns are the parity prompts).
 
 What it recovers is what a layer can on its own: errors that only a change across layers corrects
 are end-to-end KD's. Only width pruning (prune-width: the same blocks, narrower FFNs) is recovered
@@ -34,19 +40,20 @@ from edgemed.errors import BadInputError
 if TYPE_CHECKING:  # pragma: no cover
     from edgemed.context import Context
 
-# Ridge damping of H^T H, a fraction of its mean diagonal (GPTQ's percdamp): a channel that never
-# fires on the calibration set keeps a solvable system.
-DAMP = 0.01
+# The ridge strengths the refit chooses among by cross-validation, as fractions of H^T H's mean
+# diagonal (GPTQ damps by 0.01 of it); also what keeps a channel that never fires solvable.
+RIDGE = (0.01, 0.1, 1.0, 10.0)
 # The model-stage steps whose result this recovers (plan.streaming_refusal checks the recipe).
 RECOVERS = ("prune-width",)
 
 
 def host_bytes(shape) -> int:
     """What the local recovery holds (plan.host_estimate with --low-memory): one layer's H^T H and
-    H^T Y in float64, and the solve's copies of each (`shape`: the pruned model's)."""
+    H^T Y of each fold in float64, their sum, and a solve's matrix, factor and result (`shape`: the
+    pruned model's)."""
     h = shape.facts.hidden_size
     k = max([h, *(p // h for name, p in shape.linears.items() if name.endswith("down_proj"))])
-    return 2 * 8 * (k * k + k * h)
+    return 8 * (6 * k * k + 4 * k * h)
 
 
 def recover(step, ctx: "Context") -> None:
@@ -67,7 +74,7 @@ def recover(step, ctx: "Context") -> None:
         "args": a.model_dump(mode="json"), "teacher": "the loaded model before the recipe's transforms",
         "method": "layer-local least squares (--low-memory): each FFN's down_proj refit to the teacher's FFN "
                   "output on the teacher's inputs; steps, lr, batch, temperature and train do not apply",
-        "damp": DAMP, "layers": fits, "seconds": round(time.perf_counter() - t0, 1),
+        "ridge": list(RIDGE), "layers": fits, "seconds": round(time.perf_counter() - t0, 1),
         "kld_vs_parent_before": before, "kld_vs_parent_after": after, "calibration": record,
     }
     ctx.notes.append(f"distill (--low-memory, layer-local least squares): KLD vs the untransformed parent "
@@ -116,9 +123,10 @@ def refit_ffns(step, ctx: "Context", record: dict | None = None) -> list[dict]:
             h, y = acc.pop("h"), out.detach().reshape(-1, out.shape[-1]).double()
             if t_mlp.down_proj.bias is not None:
                 y = y - t_mlp.down_proj.bias.detach().double()
-            acc["hh"] = acc.get("hh", 0) + h.T @ h
-            acc["hy"] = acc.get("hy", 0) + h.T @ y
-            acc["yy"] = acc.get("yy", 0) + float((y * y).sum())
+            fold = acc.setdefault("calls", 0) % 2  # feeds alternate between two folds
+            acc["calls"] += 1
+            for name, v in (("hh", h.T @ h), ("hy", h.T @ y), ("yy", float((y * y).sum()))):
+                acc.setdefault(name, [0, 0])[fold] += v
 
         handle = s_mlp.down_proj.register_forward_hook(catch_h)
         try:
@@ -126,12 +134,10 @@ def refit_ffns(step, ctx: "Context", record: dict | None = None) -> list[dict]:
                 hidden, _ = seq.run_layer(i, hidden, rest[i], [t_mlp], teacher_ffn)
         finally:
             handle.remove()
-        hh, hy = acc["hh"], acc["hy"]
-        damp = DAMP * float(hh.diagonal().mean()) or 1e-8
-        w = torch.linalg.solve(hh + damp * torch.eye(hh.shape[0], dtype=hh.dtype), hy).T.float().contiguous()
-        old = streamed.read(s_mlp.down_proj.weight) if streamed is not None else s_mlp.down_proj.weight.detach()
-        fits.append({"layer": i, **{f"relative_error_{when}": _relative_error(hh, hy, acc["yy"], m.double())
-                                    for when, m in (("before", old), ("after", w))}})
+        old = (streamed.read(s_mlp.down_proj.weight) if streamed is not None else s_mlp.down_proj.weight.detach()).double()
+        fit = _fit(acc["hh"], acc["hy"], acc["yy"], old)
+        fits.append({"layer": i, **{k: v for k, v in fit.items() if k != "w"}})
+        w = fit["w"].float().contiguous()
         if streamed is None:
             with torch.no_grad():
                 s_mlp.down_proj.weight.copy_(w)
@@ -144,6 +150,35 @@ def refit_ffns(step, ctx: "Context", record: dict | None = None) -> list[dict]:
     return fits
 
 
+def _fit(hh: list, hy: list, yy: list, w0) -> dict:
+    """The refit of one down projection from the sums of two folds of the calibration feeds: ridge
+    towards the pruned weights w0 [hidden, k] (a weak fit stays near them, not near zero),
+    W^T = W0^T + (H^T H + lam I)^-1 (H^T Y - H^T H W0^T), lam chosen among RIDGE x the mean diagonal
+    by 2-fold cross-validation (fit on one fold, squared error on the other), kept only where it beats
+    w0 on held-out rows: with fewer calibration rows than kept channels an unregularised fit would
+    reproduce the calibration set exactly and nothing else. Returns w, lam and the relative errors
+    (|H W^T - Y|^2 / |Y|^2) of w0 and of the chosen fit, held out and on all rows."""
+    import torch
+
+    def solve(h, r, lam):
+        return torch.cholesky_solve(r, torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], dtype=h.dtype)))
+
+    def refit(h, y, lam):
+        return w0 + solve(h, y - h @ w0.T, lam).T
+
+    scale = float(sum(x.diagonal().mean() for x in hh)) / 2 or 1e-8
+    held = {None: sum(_relative_error(hh[1 - f], hy[1 - f], yy[1 - f], w0) for f in (0, 1)) / 2}
+    for r in RIDGE:
+        held[r] = sum(_relative_error(hh[1 - f], hy[1 - f], yy[1 - f], refit(hh[f], hy[f], r * scale))
+                      for f in (0, 1)) / 2
+    best = min(held, key=lambda r: (held[r], r is not None))
+    h_all, y_all, yy_all = hh[0] + hh[1], hy[0] + hy[1], yy[0] + yy[1]
+    w = w0 if best is None else refit(h_all, y_all, best * scale)
+    return {"w": w, "ridge": best, "heldout_error_before": round(held[None], 6), "heldout_error_after": round(held[best], 6),
+            "relative_error_before": round(_relative_error(h_all, y_all, yy_all, w0), 6),
+            "relative_error_after": round(_relative_error(h_all, y_all, yy_all, w), 6)}
+
+
 def _relative_error(hh, hy, yy: float, w) -> float:
     """|H W^T - Y|^2 / |Y|^2 over the calibration rows, from the sums: tr(W HH W^T) - 2 tr(W HY) + |Y|^2."""
-    return round(float((w @ hh * w).sum() - 2 * (w * hy.T).sum() + yy) / max(yy, 1e-30), 6)
+    return float((w @ hh * w).sum() - 2 * (w * hy.T).sum() + yy) / max(yy, 1e-30)
