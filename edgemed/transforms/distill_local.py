@@ -161,7 +161,11 @@ def _fit(hh: list, hy: list, yy: list, w0) -> dict:
     import torch
 
     def solve(h, r, lam):
-        return torch.cholesky_solve(r, torch.linalg.cholesky(h + lam * torch.eye(h.shape[0], dtype=h.dtype)))
+        a = h.clone()
+        a.diagonal().add_(lam)
+        factor = torch.linalg.cholesky(a)
+        del a
+        return torch.cholesky_solve(r, factor)
 
     def refit(h, y, lam):
         return w0 + solve(h, y - h @ w0.T, lam).T
@@ -172,7 +176,8 @@ def _fit(hh: list, hy: list, yy: list, w0) -> dict:
         held[r] = sum(_relative_error(hh[1 - f], hy[1 - f], yy[1 - f], refit(hh[f], hy[f], r * scale))
                       for f in (0, 1)) / 2
     best = min(held, key=lambda r: (held[r], r is not None))
-    h_all, y_all, yy_all = hh[0] + hh[1], hy[0] + hy[1], yy[0] + yy[1]
+    h_all, y_all, yy_all = hh[0].add_(hh[1]), hy[0].add_(hy[1]), yy[0] + yy[1]  # the folds are done with
+    hh[1] = hy[1] = None
     w = w0 if best is None else refit(h_all, y_all, best * scale)
     return {"w": w, "ridge": best, "heldout_error_before": round(held[None], 6), "heldout_error_after": round(held[best], 6),
             "relative_error_before": round(_relative_error(h_all, y_all, yy_all, w0), 6),
