@@ -222,7 +222,7 @@ class Distill(Step):
         }
         ctx.notes.append(f"distill: {a.steps} steps; KLD vs the untransformed parent {before['kld_mean']:.4g} -> "
                          f"{after['kld_mean']:.4g}")
-        ctx.teacher = None  # free it: nothing after this step needs the teacher
+        ctx.teacher = ctx.teacher_weights = None  # free it: nothing after this step needs the teacher
 
     # --- pieces -------------------------------------------------------------------------------
     def _trainable(self, lm) -> list:
