@@ -5,6 +5,7 @@
                                  [--recipes int4 q4_k_m prune-width-25+q8_0]
                                  [--work /tmp/edgemed-memory] [--out bench/results/memory]
                                  [--low-memory] [--llama-cpp-reference]
+                                 [--memory-cap-gb N [--plan-host-memory-gb M]]
 
 Shapes (random weights, stored in bfloat16 as real checkpoints ship; written with
 edgemed.models.replica from the real Mistral-7B-Instruct-v0.2 files in tests/fixtures, so the
@@ -20,8 +21,17 @@ recorded with the planner's reason and no checkpoint is written for a shape whos
 refused. Each accepted pair runs `python -m edgemed compress` in a child process while the parent
 samples the RSS of the child's whole process tree every 50 ms (psutil); recorded: peak RSS, wall
 time, exit code, the plan's predicted peak (predicted / measured is how the planner is kept
-honest) and the artifact's parity against its parent (KLD mean, top-1) from its manifest.
+honest; the plan's peak plus what it says parity maps, as RSS counts mapped pages) and the
+artifact's parity against its parent (KLD mean, top-1) from its manifest. Beside peak RSS, the
+peak of its anonymous part (RSS less file-backed pages): a GGUF artifact llama.cpp maps in parity
+is page cache the kernel takes back under pressure, not memory compress needs.
 `--low-memory` plans and runs `compress --low-memory` (the weights stay on disk).
+
+`--memory-cap-gb N` runs each compress in a fresh memory cgroup capped at N GB (v2 or v1; needs
+root): the test of that claim. Under the cap the kernel reclaims page cache (the written files, a
+mapped artifact) instead of failing; recorded: the cgroup's own peak and how often it hit the cap.
+The plans are checked against N GB (compress sees the cgroup's room itself), or against
+`--plan-host-memory-gb M`, passed to compress as --host-memory-gb, where the plan would refuse.
 
 `--llama-cpp-reference` adds, per shape, llama.cpp's own pipeline on the same checkpoint as the
 yardstick for the q4_k_m rows' parity (a random-weight model's KLD depends on its shape, so a 7B's
@@ -36,6 +46,7 @@ Writes results.json and results.md to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -140,24 +151,64 @@ def write_streamed_checkpoint(folder: Path, seed: int = 0, shard_bytes: int = 2_
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def plan_host(folder: Path, recipes: list[str], low_memory: bool = False) -> dict:
+def plan_host(folder: Path, recipes: list[str], low_memory: bool = False, host_memory_gb: float | None = None) -> dict:
     from edgemed.errors import EdgemedError
     from edgemed.pipeline import resolve
     from edgemed.plan import plan
 
     recipe, target = resolve(recipes, None)
     try:
-        p = plan(str(folder), recipe, target, low_memory=low_memory)
+        p = plan(str(folder), recipe, target, low_memory=low_memory, host_memory_gb=host_memory_gb)
     except EdgemedError as e:
         return {"feasible": False, "reasons": [str(e)]}
     host = p.host
     return {"feasible": host.feasible, "reasons": host.reasons, "fixes": p.fixes,
             "predicted_peak_gb": round(host.peak_ram_bytes / GB, 2), "predicted_disk_gb": round(host.disk_bytes / GB, 2),
+            "predicted_mapped_gb": round(host.mapped_bytes / GB, 2),
             "host_memory_gb": round(host.memory_bytes / GB, 2), "plan_feasible": p.feasible}
 
 
-def run_compress(folder: Path, recipes: list[str], out: Path, low_memory: bool = False) -> dict:
-    """`python -m edgemed compress` in a child process; peak RSS of its process tree (50 ms samples)."""
+@contextlib.contextmanager
+def memory_cgroup(cap_gb: float | None):
+    """A fresh memory cgroup capped at cap_gb (v2 under the unified mount, else v1's memory
+    controller; needs write access to /sys/fs/cgroup), yielding a function that moves a process
+    into it and one that reads its record: the peak it charged (anonymous memory and page cache)
+    and how often it hit the cap; removed afterwards. None: no cgroup."""
+    if cap_gb is None:
+        yield (lambda pid: None), dict
+        return
+    root = Path("/sys/fs/cgroup")
+    v2 = root / "cgroup.controllers" if (root / "cgroup.controllers").exists() else root / "unified/cgroup.controllers"
+    if "memory" in (v2.read_text() if v2.exists() else ""):
+        d, limit, peak, hits = v2.parent / f"edgemed-bench-{os.getpid()}", "memory.max", "memory.peak", "memory.events"
+    else:
+        d, limit, peak, hits = root / f"memory/edgemed-bench-{os.getpid()}", "memory.limit_in_bytes", \
+            "memory.max_usage_in_bytes", "memory.failcnt"
+    d.mkdir()
+    try:
+        (d / limit).write_text(str(int(cap_gb * GB)))
+
+        def record() -> dict:
+            text = (d / hits).read_text()
+            hit = int(text) if text.strip().isdigit() else int(dict(x.split() for x in text.splitlines()).get("max", 0))
+            return {"memory_cap_gb": cap_gb, "cgroup_peak_gb": round(int((d / peak).read_text()) / GB, 2),
+                    "cgroup_cap_hits": hit}
+
+        yield (lambda pid: (d / "cgroup.procs").write_text(str(pid))), record
+    finally:
+        for _ in range(50):  # the child's exit leaves the cgroup empty a moment later
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def run_compress(folder: Path, recipes: list[str], out: Path, low_memory: bool = False,
+                 memory_cap_gb: float | None = None, host_memory_gb: float | None = None) -> dict:
+    """`python -m edgemed compress` in a child process; peak RSS of its process tree (50 ms samples);
+    with memory_cap_gb, in a memory cgroup capped so (memory_cgroup); host_memory_gb: compress's
+    --host-memory-gb (what its plan checks against)."""
     import psutil
 
     cmd = [sys.executable, "-m", "edgemed", "compress", str(folder), "--output", str(out), "--overwrite"]
@@ -165,23 +216,28 @@ def run_compress(folder: Path, recipes: list[str], out: Path, low_memory: bool =
         cmd += ["--recipe", r]
     if low_memory:
         cmd.append("--low-memory")
+    if host_memory_gb:
+        cmd += ["--host-memory-gb", str(host_memory_gb)]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    root = psutil.Process(proc.pid)
-    peak = peak_anon = 0
-    while proc.poll() is None:
-        try:
-            infos = [p.memory_info() for p in (root, *root.children(recursive=True))]
-            peak = max(peak, sum(m.rss for m in infos))
-            # Less the file-backed pages (a model file llama.cpp maps, shared libraries): clean page
-            # cache the kernel can take back without swapping, where anonymous pages must stay.
-            peak_anon = max(peak_anon, sum(m.rss - m.shared for m in infos))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    err = proc.stderr.read()
-    row = {"exit_code": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak / GB, 2),
-           "peak_anon_gb": round(peak_anon / GB, 2)}
+    with memory_cgroup(memory_cap_gb) as (join, record):
+        # The child joins the cgroup before it runs anything: everything it allocates is charged there.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: join(os.getpid()))
+        root = psutil.Process(proc.pid)
+        peak = peak_anon = 0
+        while proc.poll() is None:
+            try:
+                infos = [p.memory_info() for p in (root, *root.children(recursive=True))]
+                peak = max(peak, sum(m.rss for m in infos))
+                # Less the file-backed pages (a model file llama.cpp maps, shared libraries): clean page
+                # cache the kernel can take back without swapping, where anonymous pages must stay.
+                peak_anon = max(peak_anon, sum(m.rss - m.shared for m in infos))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        err = proc.stderr.read()
+        row = {"exit_code": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1),
+               "peak_rss_gb": round(peak / GB, 2), "peak_anon_gb": round(peak_anon / GB, 2), **record()}
     manifest = out / "manifest.json"
     if manifest.exists():
         m = json.loads(manifest.read_text())
@@ -245,12 +301,15 @@ def to_markdown(rows: list[dict], commands: list[str]) -> str:
              "A row that did not run says why: the plan refused it on this host (its reason), or `--plan-only`.", "",
              "Anonymous: the peak of RSS less its file-backed pages (psutil's rss - shared: a model file llama.cpp "
              "maps, the shared libraries), which the kernel can reclaim without swap; recorded from the rows of "
-             "2026-12-07's second session on.", "",
+             "2026-12-07's second session on. In a cgroup: the compress ran under that memory cap "
+             "(--memory-cap-gb), where the kernel reclaims page cache rather than fail; plan / measured: the plan's "
+             "peak plus what it says parity maps, over peak RSS.", "",
              "| shape | recipe | weights | plan: host peak (GB) | measured peak RSS (GB) | anonymous (GB) | plan / measured | "
              "wall (s) | KLD mean | top-1 | exit | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pred, meas = r.get("predicted_peak_gb"), r.get("peak_rss_gb")
-        ratio = f"{pred / meas:.2f}" if pred and meas else ""
+        # RSS includes what is mapped (the GGUF artifact in parity), which the plan reports beside its peak.
+        ratio = f"{(pred + (r.get('predicted_mapped_gb') or 0)) / meas:.2f}" if pred and meas else ""
         if r.get("ran"):
             note = "; ".join(n for n in (r.get("note"), (r.get("error") or [""])[-1]) if n)
         else:
@@ -281,15 +340,17 @@ def to_markdown(rows: list[dict], commands: list[str]) -> str:
                   + ", ".join(f"{recipe} {ratio:.2f}{less}" for recipe, ratio, less in flat)
                   + ". In memory, compress holds the whole parent in fp32, so its peak grows with the model; "
                     "with --low-memory the weights stay on disk and are read one tensor at a time, and parity runs "
-                    "an ONNX decoder one layer at a time (formats/onnx/layered.py; the latest row of each pair is "
-                    "used)."]
+                    "an ONNX decoder one layer at a time (formats/onnx/layered.py) and maps a GGUF artifact, which "
+                    "llama.cpp reads without repacking (file-backed pages: the anonymous ratio; the latest row of "
+                    "each pair is used)."]
     return "\n".join(lines) + "\n"
 
 
 def _mode(row: dict) -> str:
     if row.get("reference"):
         return "llama.cpp's converter (bf16 GGUF), on disk"
-    return "on disk (--low-memory)" if row.get("low_memory") else "in memory (fp32)"
+    cap = f", in a {row['memory_cap_gb']:g} GB cgroup" if row.get("memory_cap_gb") else ""
+    return ("on disk (--low-memory)" if row.get("low_memory") else "in memory (fp32)") + cap
 
 
 def main() -> int:
@@ -304,6 +365,12 @@ def main() -> int:
                     help="recompute every row's prediction in --out's results.json with the planner as it is now "
                          "(measurements kept; the prediction made at run time stays as predicted_at_run_gb)")
     ap.add_argument("--low-memory", action="store_true", help="plan and run compress --low-memory")
+    ap.add_argument("--memory-cap-gb", type=float,
+                    help="run each compress in a memory cgroup capped at this many GB (and plan for such a host): "
+                         "what it needs, where RSS counts page cache the kernel can take back; needs root")
+    ap.add_argument("--plan-host-memory-gb", type=float,
+                    help="the host memory the plans are checked against (compress --host-memory-gb; default: the "
+                         "cap, else this machine's available memory): to run a pair under a cap its plan refuses")
     ap.add_argument("--llama-cpp-reference", action="store_true",
                     help="add llama.cpp's own Q4_K_M of each shape's checkpoint and its parity, as a yardstick")
     args = ap.parse_args()
@@ -330,15 +397,20 @@ def main() -> int:
     for shape in args.shapes:
         folder = args.work / shape
         write_config_only(shape, folder)
-        plans = {r: plan_host(folder, r.split("+"), args.low_memory) for r in args.recipes}
+        told = args.plan_host_memory_gb or args.memory_cap_gb
+        plans = {r: plan_host(folder, r.split("+"), args.low_memory, told) for r in args.recipes}
         if any(p["feasible"] for p in plans.values()) and not args.plan_only:
             build_checkpoint(shape, folder)
         for recipe, p in plans.items():
-            row = {"shape": shape, "recipe": recipe, **p, "ran": False, "low_memory": args.low_memory}
+            row = {"shape": shape, "recipe": recipe, **p, "ran": False, "low_memory": args.low_memory,
+                   **({"memory_cap_gb": args.memory_cap_gb} if args.memory_cap_gb else {})}
+            if args.plan_host_memory_gb:
+                row["note"] = f"planned for a {args.plan_host_memory_gb:g} GB host (compress --host-memory-gb)"
             if p["feasible"] and not args.plan_only:
                 print(f"compress {shape} {recipe} (plan: {p['predicted_peak_gb']} GB) ...", flush=True)
                 out = args.work / f"{shape}-{recipe}{'-low' if args.low_memory else ''}"
-                row.update(run_compress(folder, recipe.split("+"), out, args.low_memory), ran=True)
+                row.update(run_compress(folder, recipe.split("+"), out, args.low_memory, args.memory_cap_gb,
+                                        args.plan_host_memory_gb), ran=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "results.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=2))

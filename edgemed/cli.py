@@ -145,6 +145,10 @@ def plan(
         console.print(f"host: compress needs about {h['peak_ram_gb']} GB of RAM ("
                       + ", ".join(f"{k} {v}" for k, v in h["parts_gb"].items())
                       + f") and {h['disk_gb']} GB of disk; {h['memory_source']}: {h['memory_gb']} GB")
+        if h.get("mapped_gb"):
+            console.print(f"host: parity maps the {h['mapped_gb']} GB artifact besides (page cache the kernel can take back)")
+        for n in h.get("notes") or []:
+            console.print(f"note: {n}")
     check_feasible(p)
     if not json_out:  # --json prints one JSON document (its "feasible" says the same)
         console.print("[green]feasible[/green]")

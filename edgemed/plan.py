@@ -371,7 +371,8 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
     tensor in fp32 (read, converted, written one at a time), the export's transient does not
     grow with the model (the GGUF writer and llama.cpp's quantizer hold one tensor) but for what a
     step holds of its own (GPTQ: one layer's Hessians), and parity's session holds what
-    FormatBackend.low_memory_parity_bytes says (GGUF: the artifact; ONNX: one decoder layer at a time)."""
+    FormatBackend.low_memory_parity_bytes says (GGUF: the artifact, mapped: page cache, not a need,
+    reported as mapped_bytes; ONNX: one decoder layer at a time)."""
     backend = backend_for(recipe, target, shape)
     fp32 = 4 * parent_params  # the model as given, before a recipe's pruning
     if low_memory:
@@ -383,12 +384,14 @@ def host_estimate(shape: _ModelShape, recipe: Recipe, target: Target, parent_par
         # (reference.parity.parent_parity_refs): the larger of the two is resident, not both.
         kv_f32 = at_parity.kv_cache_bytes * 4 // max(1, at_parity.kv_bytes_per_element)
         held = backend.low_memory_parity_bytes(at_parity, shape.facts.num_layers)
+        mapped = backend.low_memory_parity_mapped(at_parity)
         # What a step holds (GPTQ's Hessians) is resident with the streamed weights, not in parity.
         streamed = (backend.low_memory_stream_factor or HOST_STREAM_FACTOR) * largest + \
             sum(_step_parts(recipe, shape, low_memory=True).values())
         parts = {"process": HOST_PROCESS_BYTES, f"{recipe.format} export and quantize": int(backend.host_transient_fixed),
                  STREAM_PART: int(max(streamed, held + kv_f32))}
-        return _host_check(parts, int(artifact + backend.host_scratch * fp32), host_memory_gb, output, low_memory=True)
+        return _host_check(parts, int(artifact + backend.host_scratch * fp32), host_memory_gb, output, low_memory=True,
+                           mapped=mapped)
     parts = {"process": HOST_PROCESS_BYTES, "parent (fp32)": fp32}
     if any(s.step == "distill" for s in recipe.steps):
         if teacher_streams:  # pipeline._teacher: read from the checkpoint while it runs

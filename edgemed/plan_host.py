@@ -24,6 +24,10 @@ class HostEstimate(BaseModel):
     feasible: bool
     reasons: list[str] = []
     low_memory: bool = False  # compress --low-memory: the weights stay on disk
+    # Files compress maps besides the peak (the GGUF artifact llama.cpp runs in parity): resident
+    # while read, so in RSS, but page cache the kernel takes back under pressure, not a need.
+    mapped_bytes: int = 0
+    notes: list[str] = []
 
     def to_dict(self) -> dict[str, Any]:
         return {"memory_gb": round(self.memory_bytes / GB, 2), "memory_source": self.memory_source,
@@ -31,7 +35,8 @@ class HostEstimate(BaseModel):
                 "disk_free_gb": None if self.disk_free_bytes is None else round(self.disk_free_bytes / GB, 2),
                 "peak_ram_gb": round(self.peak_ram_bytes / GB, 2), "disk_gb": round(self.disk_bytes / GB, 2),
                 "parts_gb": {k: round(v / GB, 2) for k, v in self.parts.items()},
-                "feasible": self.feasible, "reasons": list(self.reasons)}
+                "mapped_gb": round(self.mapped_bytes / GB, 2),
+                "feasible": self.feasible, "reasons": list(self.reasons), "notes": list(self.notes)}
 
 
 # Python with torch, transformers and ONNX Runtime imported, before any weights (bench_memory.py).
@@ -49,19 +54,59 @@ LOW_MEMORY_FIX = ("use a recipe that streams (GGUF: q4_k_m, q8_0, ...; ONNX: int
 STREAM_PART = "streamed parent (largest tensors) or the artifact and its KV cache in parity, the larger"
 
 
-def host_memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+def host_memory_available(cgroup: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
     """This machine's available memory now (MemAvailable: free plus what the kernel can reclaim),
-    or less where this process's cgroup (a container, a CI job) caps it: /proc/meminfo shows the
-    whole machine inside a container."""
+    or less where a memory cgroup of this process (a container, a CI job, `docker run --memory`)
+    caps it: /proc/meminfo shows the whole machine inside a container."""
     import psutil
 
     available = int(psutil.virtual_memory().available)
+    room = cgroup_headroom(cgroup, proc_cgroup)
+    return available if room is None else min(available, room)
+
+
+# cgroup v2 and v1 file names: the limit, the usage, and memory.stat's reclaimable page-cache line.
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_headroom(cgroup: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The least room left under the memory limits of this process's cgroup and its ancestors (a
+    limit can sit on a parent: a CI job's slice), each its limit less its usage less the inactive
+    page cache the kernel drops before it fails an allocation; None where no limit applies.
+    cgroup v2 (`0::/path` under the unified mount) and v1 (`N:memory:/path` under `memory/`); a
+    namespaced container sees its own cgroup at the mount's root, which is read too."""
+    dirs = []
     try:
-        cap = (cgroup / "memory.max").read_text().strip()
-        used = int((cgroup / "memory.current").read_text().strip())
-    except (OSError, ValueError):
-        return available
-    return min(available, int(cap) - used) if cap.isdigit() else available
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        num, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        version = 2 if num == "0" and controllers == "" else 1 if "memory" in controllers.split(",") else 0
+        if version:
+            mount = cgroup if version == 2 and (cgroup / "cgroup.controllers").exists() else \
+                cgroup / ("unified" if version == 2 else "memory")
+            here = mount / path.strip("/")
+            dirs += [(version, d) for d in (here, *here.parents) if d == mount or mount in d.parents]
+    dirs += [(2, cgroup), (1, cgroup / "memory")]  # a namespaced container's own cgroup
+    rooms = []
+    for version, d in dict.fromkeys(dirs):
+        limit_file, usage_file, inactive = _CGROUP_FILES[version]
+        try:
+            limit = (d / limit_file).read_text().strip()
+            used = int((d / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if not limit.isdigit() or int(limit) >= 1 << 60:  # "max" (v2) or v1's page-rounded 2^63
+            continue
+        try:
+            stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines())
+            used -= int(stat.get(inactive, 0))
+        except (OSError, ValueError):
+            pass
+        rooms.append(int(limit) - max(0, used))
+    return min(rooms) if rooms else None
 
 
 def streaming_refusal(recipe: Recipe, target=None) -> str | None:
@@ -85,7 +130,7 @@ def streaming_refusal(recipe: Recipe, target=None) -> str | None:
 
 
 def _host_check(parts: dict[str, int], disk: int, host_memory_gb: float | None,
-                output: str | Path | None, low_memory: bool = False) -> HostEstimate:
+                output: str | Path | None, low_memory: bool = False, mapped: int = 0) -> HostEstimate:
     import shutil
 
     peak = sum(parts.values())
@@ -104,5 +149,10 @@ def _host_check(parts: dict[str, int], disk: int, host_memory_gb: float | None,
                        f"but {source} is {memory / GB:.1f} GB (largest part: {biggest})")
     if free is not None and disk > free:
         reasons.append(f"compress needs about {disk / GB:.1f} GB of disk at {where}, which has {free / GB:.1f} GB free")
+    notes = []
+    if mapped and peak + mapped > memory * (1 - HOST_MARGIN_FRACTION):
+        notes.append(f"parity maps the {mapped / GB:.1f} GB artifact and {source} leaves less beside the peak: the kernel "
+                     "drops its pages and reads them again each pass (slower, not failing)")
     return HostEstimate(memory_bytes=memory, memory_source=source, disk_free_bytes=free, peak_ram_bytes=peak,
-                        disk_bytes=disk, parts=parts, feasible=not reasons, reasons=reasons, low_memory=low_memory)
+                        disk_bytes=disk, parts=parts, feasible=not reasons, reasons=reasons, low_memory=low_memory,
+                        mapped_bytes=mapped, notes=notes)

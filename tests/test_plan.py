@@ -317,3 +317,31 @@ def test_host_memory_reads_the_cgroup_cap(tmp_path, monkeypatch):
     import psutil
 
     assert abs(host_memory_available(tmp_path) - psutil.virtual_memory().available) < 0.5e9
+
+
+def test_host_memory_reads_a_v1_cap_on_a_parent_cgroup(tmp_path):
+    """cgroup v1 (Docker on an Ubuntu 20.04 host, a Jetson's L4T): the limit sits on the job's parent
+    cgroup, /proc/self/cgroup names the memory controller's path, and the inactive page cache the
+    kernel drops first does not count as used."""
+    from edgemed.plan_host import cgroup_headroom
+
+    proc = tmp_path / "self-cgroup"
+    proc.write_text("12:pids:/ci/job7\n4:memory:/ci/job7\n0::/\n")
+    job, ci = tmp_path / "memory/ci/job7", tmp_path / "memory/ci"
+    job.mkdir(parents=True)
+    for d, limit, usage, inactive in [(job, 9223372036854771712, 900_000_000, 100_000_000),
+                                      (ci, 2_000_000_000, 1_500_000_000, 300_000_000)]:
+        (d / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (d / "memory.stat").write_text(f"cache 1\ntotal_inactive_file {inactive}\nrss 2\n")
+    assert cgroup_headroom(tmp_path, proc) == 800_000_000  # the parent's 2.0 GB less 1.2 GB held
+    (ci / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_headroom(tmp_path, proc) is None  # no limit anywhere
+    (tmp_path / "self-cgroup").write_text("0::/ci.slice/job7.scope\n")  # cgroup v2 with a unified mount
+    v2 = tmp_path / "unified/ci.slice"
+    (v2 / "job7.scope").mkdir(parents=True)
+    (v2 / "memory.max").write_text("3000000000\n")
+    (v2 / "memory.current").write_text("1000000000\n")
+    (v2 / "job7.scope/memory.max").write_text("max\n")
+    (v2 / "job7.scope/memory.current").write_text("1000000000\n")
+    assert cgroup_headroom(tmp_path, proc) == 2_000_000_000

@@ -56,10 +56,19 @@ def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recip
 
     from edgemed.pipeline import compress
 
+    loads = []  # (repacking, load mode) of each model llama.cpp loads
     if recipe.startswith("q"):
-        pytest.importorskip("llama_cpp")
+        lc = pytest.importorskip("llama_cpp").llama_cpp
+        real_model_load = lc.llama_model_load_from_file
+
+        def model_load(path, params):
+            loads.append((params.use_extra_bufts, params.load_mode))
+            return real_model_load(path, params)
+
+        monkeypatch.setattr(lc, "llama_model_load_from_file", model_load)
     src = str(tiny_dir(family))
     full = compress(src, [recipe], "cpu-x86-avx2", tmp_path / "full").manifest
+    full_loads, loads[:] = list(loads), []
     real_load, whole = onnx.load, []
 
     def load(f, *a, **k):  # a streamed compress reads no graph's weights whole
@@ -77,6 +86,10 @@ def test_low_memory_artifact_is_the_same_bytes(tiny_dir, tmp_path, family, recip
     assert low.plan["host"]["weights"] == "on disk (--low-memory)" != full.plan["host"]["weights"]
     assert "process" in low.plan["host"]["parts_gb"] and "parent (fp32)" not in low.plan["host"]["parts_gb"]
     assert any("--low-memory" in n for n in low.notes) and not any("--low-memory" in n for n in full.notes)
+    if recipe.startswith("q"):  # parity mapped the GGUF without repacking it: file-backed pages, not a copy
+        assert full_loads and set(full_loads) == {(True, lc.LLAMA_LOAD_MODE_MMAP)}
+        assert loads and set(loads) == {(False, lc.LLAMA_LOAD_MODE_MMAP)}
+        assert lc.llama_model_default_params().use_extra_bufts  # the default is restored after each load
     # Only the small graphs (embedding table, vision tower) are quantized whole.
     assert not [f for f in whole if "decoder" in Path(f).name or Path(f).name == "model.onnx"]
 
@@ -140,8 +153,10 @@ def test_plan_offers_low_memory_and_checks_the_host(tmp_path, capsys):
     low4 = plan(src, *resolve(["int4"], "cpu-x86-avx2"), host_memory_gb=12, low_memory=True)
     assert low4.host.feasible and low4.host.peak_ram_bytes < 3.5e9 < 5e9 < low4.artifact_bytes
     assert set(low.host.parts) == {"process", STREAM_PART, "gguf export and quantize"}
-    # A 7B's Q4_K_M and its f32 KV cache (32 layers x 8 KV heads x 128 x 2048 tokens) outweigh its largest tensors.
-    assert low.host.parts[STREAM_PART] == low.artifact_bytes + 2 * 32 * 8 * 128 * 2048 * 4
+    # Parity maps the 7B's Q4_K_M (page cache, reported beside the peak) and holds its f32 KV cache (32 layers x
+    # 8 KV heads x 128 x 2048 tokens), less than twice the largest tensor in fp32 (the embedding table) streamed.
+    assert low.host.mapped_bytes == low.artifact_bytes > 4e9
+    assert low.host.parts[STREAM_PART] == 2 * 32_000 * 4096 * 4 > 2 * 32 * 8 * 128 * 2048 * 4
     rc = main(["plan", src, "--recipe", "q4_k_m", "--target", "jetson-agx-orin-64gb", "--host-memory-gb", "12"])
     assert rc == 2 and "--low-memory" in capsys.readouterr().err
     capsys.readouterr()

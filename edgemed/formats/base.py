@@ -160,6 +160,12 @@ class FormatBackend:
         return int(estimate.artifact_bytes)
 
     @classmethod
+    def low_memory_parity_mapped(cls, estimate) -> int:
+        """What that session maps of the artifact's files without holding it (page cache the kernel
+        takes back under pressure: in RSS while read, not a need; plan.HostEstimate.mapped_bytes)."""
+        return 0
+
+    @classmethod
     def low_memory_session_kwargs(cls, context_tokens: int) -> dict:
         """open_session arguments for compress --low-memory's parity session (a KV cache of
         `context_tokens`, no second resident copy of the weights), where the format has them."""

@@ -61,11 +61,21 @@ class GgufBackend(FormatBackend):
     precisions = frozenset(PRECISION_BITS) - {"fp8", "fp4"}
 
     @classmethod
+    def low_memory_parity_bytes(cls, estimate, num_layers: int) -> int:
+        """None of the artifact is anonymous memory: llama.cpp maps it and, not repacking, reads the
+        mapped blocks (low_memory_session_kwargs); its compute buffers are in the plan's process."""
+        return 0
+
+    @classmethod
+    def low_memory_parity_mapped(cls, estimate) -> int:
+        return int(estimate.artifact_bytes)
+
+    @classmethod
     def low_memory_session_kwargs(cls, context_tokens: int) -> dict:
-        """Read the weights once rather than mapping the file beside llama.cpp's repacked copy
-        (GgufSession's use_mmap), with a KV cache the parity prompts and gate suite fit in rather
-        than the default 4096 tokens (1 GB at 7B)."""
-        return {"use_mmap": False, "n_ctx": context_tokens}
+        """The file mapped and not repacked (GgufSession's repack): the weights stay file-backed
+        pages, not an anonymous copy as large as the artifact, with a KV cache the parity prompts
+        and gate suite fit in rather than the default 4096 tokens (1 GB at 7B)."""
+        return {"use_mmap": True, "repack": False, "n_ctx": context_tokens}
 
     def bits_per_weight(self, precision: str, in_features: int) -> float:
         """The llama.cpp type's own bits (block scales are inside PRECISION_BITS: q8_0 = 8.5), after

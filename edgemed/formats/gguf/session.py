@@ -17,6 +17,7 @@ positions with embedding batches (`llama_batch.embd`), the way mtmd's own helper
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from pathlib import Path
@@ -43,6 +44,27 @@ def _llama_cpp():
     except ImportError:
         raise MissingDependencyError("GGUF artifacts", "llama-cpp-python", "llamacpp") from None
     return llama_cpp
+
+
+@contextlib.contextmanager
+def _model_params(lc, **fields):
+    """llama_model_params fields that llama_cpp.Llama() takes no argument for (use_extra_bufts, the
+    weight repacking llama.cpp's --no-repack turns off): Llama() builds its params from
+    llama_model_default_params() while it loads, so the defaults are amended for that call only."""
+    module = lc.llama_cpp
+    default = module.llama_model_default_params
+
+    def params():
+        p = default()
+        for name, value in fields.items():
+            setattr(p, name, value)
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
 
 
 def check_gguf_file(path: Path, expected_bytes: int | None = None) -> None:
@@ -75,10 +97,14 @@ class GgufSession(PromptAndPixels, GreedyGeneration):
     use_mmap=False reads the weights into memory once instead of mapping the file: on a CPU where
     llama.cpp repacks Q4_0/Q4_K/IQ4_NL weights for its SIMD kernels, the mapped file pages stay
     resident beside the repacked copy (a 668 MB Q4_K_M held 1.18 GB of RSS mapped, 0.72 GB read;
-    measured here), so `compress --low-memory` opens its parity session so."""
+    measured here). repack=False turns the repacking off (llama.cpp's --no-repack): the kernels
+    read the mapped file itself, so the weights stay file-backed pages the kernel can take back
+    rather than anonymous memory that grows with the model; `compress --low-memory` opens its
+    parity session so (the same quantized blocks, the plain vec-dot kernels)."""
 
     def __init__(self, path: Path, manifest: "Manifest", n_threads: int | None = None, n_ctx: int | None = None,
-                 kv_f32: bool | None = None, n_gpu_layers: int | None = None, device=None, use_mmap: bool = True):
+                 kv_f32: bool | None = None, n_gpu_layers: int | None = None, device=None, use_mmap: bool = True,
+                 repack: bool = True):
         from tokenizers import Tokenizer
 
         from edgemed.runtime.device import DeviceChoice
@@ -113,9 +139,10 @@ class GgufSession(PromptAndPixels, GreedyGeneration):
             kw.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32)
         # n_ubatch: an image block decoded non-causally (Gemma 3) must fit in one micro-batch.
         try:
-            self.llm = lc.Llama(model_path=str(self.model_path), n_ctx=ctx_len, n_batch=ctx_len, n_ubatch=min(ctx_len, 1024),
-                                n_threads=self.n_threads, n_gpu_layers=n_gpu_layers, verbose=False,
-                                use_mmap=use_mmap, **kw)
+            with _model_params(lc, use_extra_bufts=repack):
+                self.llm = lc.Llama(model_path=str(self.model_path), n_ctx=ctx_len, n_batch=ctx_len,
+                                    n_ubatch=min(ctx_len, 1024), n_threads=self.n_threads, n_gpu_layers=n_gpu_layers,
+                                    verbose=False, use_mmap=use_mmap, **kw)
         except (ValueError, RuntimeError) as e:
             raise BadInputError(str(self.model_path), f"llama.cpp could not load it ({str(e)[:200]})",
                                 "re-run `edgemed compress`; check the file with `edgemed inspect --verify`") from None
