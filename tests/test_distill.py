@@ -111,3 +111,24 @@ def test_refit_before_distillation_starts_from_each_layers_least_squares_fit(tmp
     assert all(f["heldout_error_after"] <= f["heldout_error_before"] for f in d["refit"]["layers"])
     assert all(0 <= f["relative_error_after"] <= f["relative_error_before"] for f in d["refit"]["layers"])
     assert d["refit"]["kld_vs_parent"]["kld_mean"] < d["kld_vs_parent_before"]["kld_mean"]
+
+
+def test_refit_ridge_is_cross_validated_and_keeps_the_weights_it_cannot_check():
+    """distill_local._fit on sums of known data: with more rows than channels in each fold, the fit
+    finds the true weights (held-out error near 0); with rows from one calibration feed only there is
+    no held-out fold, and the pruned weights are kept as they are."""
+    import torch
+
+    from edgemed.transforms.distill_local import _fit
+
+    g = torch.Generator().manual_seed(0)
+    w_true, w0 = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64)
+    folds = [torch.randn(50, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    hh, hy = [h.T @ h for h in folds], [h.T @ (h @ w_true.T) for h in folds]
+    yy = [float((h @ w_true.T).square().sum()) for h in folds]
+    fit = _fit(hh, hy, yy, w0)
+    assert fit["ridge"] == 0.01 and fit["heldout_error_after"] < 0.01 < fit["heldout_error_before"] == 1.0
+    assert torch.allclose(fit["w"], w_true, atol=0.05)
+    one = _fit([hh[0], 0], [hy[0], 0], [yy[0], 0], w0)
+    assert one["ridge"] is None and one["w"] is w0 and one["heldout_error_after"] is None
+    assert one["relative_error_before"] == one["relative_error_after"] == 1.0

@@ -170,6 +170,10 @@ def _fit(hh: list, hy: list, yy: list, w0) -> dict:
     def refit(h, y, lam):
         return w0 + solve(h, y - h @ w0.T, lam).T
 
+    if not isinstance(hh[1], torch.Tensor):  # one calibration feed: no held-out fold to choose or check a fit on
+        e = round(_relative_error(hh[0], hy[0], yy[0], w0), 6)
+        return {"w": w0, "ridge": None, "heldout_error_before": None, "heldout_error_after": None,
+                "relative_error_before": e, "relative_error_after": e}
     scale = float(sum(x.diagonal().mean() for x in hh)) / 2 or 1e-8
     held = {None: sum(_relative_error(hh[1 - f], hy[1 - f], yy[1 - f], w0) for f in (0, 1)) / 2}
     for r in RIDGE:
