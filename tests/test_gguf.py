@@ -444,3 +444,43 @@ def test_gemma3_q8_0_text_and_mmproj(tmp_path):
     assert p["vision_cosine_min"] > 0.9999 and p["kld_mean"] < 1e-3
     f = _fields(gguf.GGUFReader(tmp_path / "a" / "mmproj-f16.gguf"))
     assert f["clip.projector_type"] == "gemma3" and f["clip.vision.projector.scale_factor"] == 2
+
+
+@pytest.mark.parametrize("family,modality", [("llama", "text"), ("llava-siglip", "multimodal")])
+def test_imatrix_layer_by_layer_equals_whole_model_passes(loaded, family, modality):
+    """The imatrix taken one decoder layer at a time over every sample (calibration.sequential) holds
+    what forward hooks on every Linear see over whole-model passes of the parent, image tokens included."""
+    import torch
+
+    from edgemed.calibration.samples import calibration_set
+    from edgemed.formats.gguf.imatrix import compute_imatrix
+    from edgemed.formats.gguf.language import language_tensors
+    from edgemed.reference.parity import parent_logits
+    from edgemed.runtime.preprocess import tiles
+
+    cm = loaded(family)
+    calib = calibration_set(cm, None, modality, 3)
+    names = {id(p): new for _, new, p in language_tensors(cm)}
+    sums, counts = {}, {}
+
+    def hook(name):
+        def fn(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(names[id(m.weight)])) for m in cm.model.modules()
+               if isinstance(m, torch.nn.Linear) and id(m.weight) in names]
+    try:
+        for prompt, answer, image in calib.samples:
+            pv, rows, cols = tiles(image, cm.image.to_dict()) if image is not None else (None, 0, 0)
+            parent_logits(cm, cm.prompt_ids(prompt, image is not None, answer, grid=(rows, cols)), pv)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = compute_imatrix(cm, calib)
+    assert set(stats.sums) == set(sums) and stats.counts == counts and stats.chunks == 3
+    assert "output.weight" in stats.sums or "token_embd.weight" not in stats.sums
+    for name, s in sums.items():
+        np.testing.assert_allclose(stats.sums[name], s.float().numpy(), rtol=1e-4, atol=1e-6, err_msg=name)

@@ -11,15 +11,21 @@ def decoder_feeds(cm: "CompositeModel", source: str | None, count: int, record: 
     """Prefill feeds for the decoder graph from the calibration set `source` (a recipe's `calibration`): each prompt (with its
     image where the model has a vision tower) embedded by the PyTorch model, an empty past. `record`, if given,
     receives the set's record (the manifest's `calibration` field)."""
-    import numpy as np
-    import torch
-
     from edgemed.calibration.samples import calibration_set
-    from edgemed.runtime.preprocess import image_grid, preprocess
 
     calib = calibration_set(cm, source, "multimodal" if cm.multimodal else "text", count)
     if record is not None:
         record.update(calib.record())
+    return feeds_for(cm, calib)
+
+
+def feeds_for(cm: "CompositeModel", calib) -> list[dict]:
+    """decoder_feeds of a calibration set already drawn (calibration.samples.Calibration)."""
+    import numpy as np
+    import torch
+
+    from edgemed.runtime.preprocess import image_grid, preprocess
+
     embed = cm.adapter.embed_tokens(cm.model)
     t = cm.text
     feeds = []

@@ -7,14 +7,17 @@ feed's hidden states in turn, its weights held for all of them (a streamed paren
 layer's inputs. Hooks on a layer's modules see exactly what a full forward of the model passes
 them, so statistics collected this way equal those of forward hooks over whole-model passes, with
 one layer's activations and weights resident. Users: the ONNX path's parent statistics (mse
-importance, GPTQ Hessians: formats.onnx.parent_stats) and a streamed parent's pruning
-(transforms.prune).
+importance, GPTQ Hessians: formats.onnx.parent_stats), the GGUF path's imatrix
+(formats.gguf.imatrix), a streamed parent's pruning (transforms.prune) and its layer-local
+distillation (transforms.distill_local).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from edgemed.models import CompositeModel
 
 
@@ -104,6 +107,35 @@ class LayerPass:
                 h.remove()
         last.clear()
         return out, {m: sums[key].numpy() for m, key in group.items()}
+
+    def input_square_sums(self) -> tuple[dict[int, "torch.Tensor"], dict[int, int]]:
+        """Every Linear's input sum of squares per column (float64) and row count, by id(module), for
+        the decoder layers and the lm_head (on the final norm of the last layer's outputs), one layer at
+        a time over all feeds: llama.cpp's imatrix in_sum2 and counts, whose ratio is the mse grids'
+        importance. A streamed parent reads each layer's weights once, not once a feed (a 7B's full
+        pass reads its 14.5 GB checkpoint: from disk, each time, where the page cache cannot hold it)."""
+        import torch
+
+        sums: dict[int, torch.Tensor] = {}
+        rows: dict[int, int] = {}
+
+        def hook(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[id(mod)] = sums.get(id(mod), 0) + (x * x).sum(0)
+            rows[id(mod)] = rows.get(id(mod), 0) + x.shape[0]
+
+        hidden, rest = self.catch_layer_inputs()
+        for index in range(len(self.layers())):
+            hidden, _ = self.run_layer(index, hidden, rest[index], self.layer_linears(index), hook)
+        head = self.cm.adapter.lm_head(self.cm.model)
+        handle = head.register_forward_hook(hook)
+        try:
+            with torch.no_grad(), self.holding(head):
+                for h in self.final_norm(hidden):
+                    head(h)
+        finally:
+            handle.remove()
+        return sums, rows
 
     def holding(self, *modules):
         """A streamed parent's weights of `modules` read once for every feed, not once a feed."""

@@ -1,10 +1,11 @@
 """A medical multimodal importance matrix (imatrix) for llama.cpp's quantizers.
 
 llama.cpp's own `llama-imatrix` runs text through the language model only, so the statistics
-never see the image-token positions a clinic's requests are full of. Here the whole VLM runs in
-PyTorch on calibration images and prompts (the parent's own forward pass, image tokens included)
-and a forward hook on every Linear of the language model accumulates, per input column, the sum
-of squared activations and the number of rows, exactly the two numbers llama.cpp stores.
+never see the image-token positions a clinic's requests are full of. Here the VLM runs in PyTorch
+on calibration images and prompts (the vision tower's features in place of the image tokens) and
+a forward hook on every Linear of the language model accumulates, per input column, the sum of
+squared activations and the number of rows, exactly the two numbers llama.cpp stores; the decoder
+runs one layer at a time over every sample (calibration.sequential).
 
 The result is written in llama.cpp's imatrix GGUF format (`<tensor>.in_sum2`, `<tensor>.counts`,
 `imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`; tools/imatrix, common/imatrix-loader)
@@ -37,46 +38,27 @@ class ImatrixStats:
 
 
 def compute_imatrix(cm: "CompositeModel", calib: "Calibration", progress=None) -> ImatrixStats:
-    import torch
-
+    """The imatrix of the language model's Linears (llama.cpp's weight names) over the calibration
+    samples, taken one decoder layer at a time over all of them (calibration.sequential: the same
+    sums as hooks over whole-model passes, and a streamed parent reads each layer once, not once a
+    sample)."""
+    from edgemed.calibration.feeds import feeds_for
+    from edgemed.calibration.sequential import LayerPass
     from edgemed.formats.gguf.language import language_tensors
-    from edgemed.reference.parity import parent_logits
-    from edgemed.runtime.preprocess import tiles
 
     say = progress or (lambda msg: None)
+    feeds = feeds_for(cm, calib)
+    say(f"imatrix: {len(feeds)} samples, one decoder layer at a time")
+    sums, rows = LayerPass(cm, feeds).input_square_sums()
     # Linear modules of the decoder and lm_head, named as llama.cpp names their weights.
-    weight_names = {id(p): new for _, new, p in language_tensors(cm)}
-    modules = []
-    for module in cm.model.modules():
-        if isinstance(module, torch.nn.Linear) and id(module.weight) in weight_names:
-            modules.append((weight_names[id(module.weight)], module))
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def fn(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in modules]
-    tokens = 0
-    try:
-        for i, (prompt, answer, image) in enumerate(calib.samples):
-            pv, rows, cols = tiles(image, cm.image.to_dict()) if image is not None else (None, 0, 0)
-            ids = cm.prompt_ids(prompt, image is not None, answer, grid=(rows, cols))
-            parent_logits(cm, ids, pv)
-            tokens += len(ids)
-            if i % 8 == 0:
-                say(f"imatrix pass {i + 1}/{len(calib.samples)}")
-    finally:
-        for h in handles:
-            h.remove()
-    if not sums:
+    names = {id(p): new for _, new, p in language_tensors(cm)}
+    by_name = {names[id(m.weight)]: id(m) for m in cm.model.modules()
+               if id(m) in sums and id(getattr(m, "weight", None)) in names}
+    if not by_name:
         raise BadInputError(cm.source, "no language-model Linear layer saw an activation", "check the model")
-    return ImatrixStats(sums={k: v.float().numpy() for k, v in sums.items()}, counts=counts,
-                        chunks=len(calib.samples), tokens=tokens)
+    return ImatrixStats(sums={k: sums[i].float().numpy() for k, i in by_name.items()},
+                        counts={k: rows[i] for k, i in by_name.items()}, chunks=len(feeds),
+                        tokens=int(sum(f["attention_mask"].sum() for f in feeds)))
 
 
 def write_imatrix_gguf(path: Path, stats: ImatrixStats, datasets: list[str]) -> None:

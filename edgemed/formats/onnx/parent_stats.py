@@ -71,32 +71,10 @@ class ParentStats(LayerPass):
 
     def _collect(self) -> dict[int, np.ndarray]:
         """Every Linear's input mean squares (language model and lm_head), one decoder layer at a
-        time over all feeds: a streamed parent reads each layer's weights once, not once a feed (a
-        7B's full pass reads 14.5 GB)."""
-        import torch
-
-        if self._by_module is not None:
-            return self._by_module
-        sums: dict[int, torch.Tensor] = {}
-        rows: dict[int, int] = {}
-
-        def hook(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            sums[id(mod)] = sums.get(id(mod), 0) + (x * x).sum(0)
-            rows[id(mod)] = rows.get(id(mod), 0) + x.shape[0]
-
-        hidden, rest = self.catch_layer_inputs()
-        for index in range(len(self.layers())):
-            hidden, _ = self.run_layer(index, hidden, rest[index], self.layer_linears(index), hook)
-        head = self.cm.adapter.lm_head(self.cm.model)
-        handle = head.register_forward_hook(hook)
-        try:
-            with torch.no_grad(), self.holding(head):
-                for h in self.final_norm(hidden):
-                    head(h)
-        finally:
-            handle.remove()
-        self._by_module = {k: (s / max(rows[k], 1)).numpy() for k, s in sums.items()}
+        time over all feeds (LayerPass.input_square_sums)."""
+        if self._by_module is None:
+            sums, rows = self.input_square_sums()
+            self._by_module = {k: (s / max(rows[k], 1)).numpy() for k, s in sums.items()}
         return self._by_module
 
     def mean_squares(self, model, input_names: list[str]) -> dict[str, np.ndarray]:
