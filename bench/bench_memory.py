@@ -191,8 +191,11 @@ def memory_cgroup(cap_gb: float | None):
         def record() -> dict:
             text = (d / hits).read_text()
             hit = int(text) if text.strip().isdigit() else int(dict(x.split() for x in text.splitlines()).get("max", 0))
-            return {"memory_cap_gb": cap_gb, "cgroup_peak_gb": round(int((d / peak).read_text()) / GB, 2),
-                    "cgroup_cap_hits": hit}
+            try:  # memory.peak: cgroup v2 on Linux 5.19 and later
+                top = round(int((d / peak).read_text()) / GB, 2)
+            except OSError:
+                top = None
+            return {"memory_cap_gb": cap_gb, "cgroup_peak_gb": top, "cgroup_cap_hits": hit}
 
         yield (lambda pid: (d / "cgroup.procs").write_text(str(pid))), record
     finally:
