@@ -94,19 +94,31 @@ def test_parent_data_distillation_draws_a_curve_and_resumes_after_an_interruptio
     assert not list((tmp_path / "home" / "distill").glob("*.pt"))  # the checkpoint is gone when done
 
 
-def test_refit_before_distillation_starts_from_each_layers_least_squares_fit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("data", ["calibration", "parent"])
+def test_refit_before_distillation_starts_from_each_layers_least_squares_fit(tmp_path, monkeypatch, data):
     """distill refit=true: each pruned FFN's down projection is refit to the parent's FFN output before
-    KD (distill_local.refit_ffns, in memory), which lowers each layer's error and the KLD KD starts from."""
+    KD (distill_local.refit_ffns, in memory), which lowers each layer's error and the KLD KD starts from;
+    with data: parent the fit's rows are the parent's answers that KD then trains on."""
     from edgemed.models.tiny import build_tiny
     from edgemed.pipeline import compress
+    from edgemed.transforms import kd_data
 
     monkeypatch.setenv("EDGEMED_HOME", str(tmp_path / "home"))
     model = build_tiny("llama", tmp_path / "m", num_hidden_layers=2, intermediate_size=256)
     recipe = tmp_path / "r.yaml"
+    parent = ", data: parent, parent_samples: 6, parent_tokens: 16" if data == "parent" else ""
     recipe.write_text("name: width-refit\nsteps:\n  - step: prune-width\n    args: {fraction: 0.25, calibration_count: 4}\n"
-                      "  - step: distill\n    args: {steps: 2, batch: 1, calibration_count: 4, refit: true}\n")
+                      f"  - step: distill\n    args: {{steps: 2, batch: 1, calibration_count: 4, refit: true{parent}}}\n")
+    answers = []
+    generate = kd_data.generate
+    monkeypatch.setattr(kd_data, "generate", lambda *a, **k: answers.extend(generate(*a, **k)) or answers)
     m = compress(str(model), [str(recipe), "q8_0"], TARGET, tmp_path / "a").manifest
     d = m.runtime["distill"]
+    if data == "parent":
+        assert len(answers) == 6
+        assert d["refit"]["data"] == f"parent answers (6 sequences, {sum(len(s) for s in answers)} positions)"
+    else:
+        assert d["refit"]["data"] == "calibration" and not answers
     assert [f["layer"] for f in d["refit"]["layers"]] == [0, 1]
     assert all(f["heldout_error_after"] <= f["heldout_error_before"] for f in d["refit"]["layers"])
     assert all(0 <= f["relative_error_after"] <= f["relative_error_before"] for f in d["refit"]["layers"])

@@ -58,8 +58,9 @@ class DistillArgs(StepArgs):
     eval_every: int = Field(0, ge=0)
     eval_samples: int = Field(8, ge=1, le=1000)
     # Before KD, refit each width-pruned FFN's down projection by least squares to the parent's FFN
-    # output on the calibration set, one layer at a time (distill_local.refit_ffns: what --low-memory
-    # does instead of KD), so that training starts from each layer's own best fit.
+    # output, one layer at a time (distill_local.refit_ffns: what --low-memory does instead of KD), so
+    # that training starts from each layer's own best fit; on the parent's answers with data: parent,
+    # else on the calibration set.
     refit: bool = False
 
 
@@ -124,13 +125,18 @@ class Distill(Step):
         calib = calibration_set(cm, ctx.recipe.calibration, "multimodal" if cm.multimodal else "text",
                                 a.calibration_count)
         ckpt = _cache_dir() / f"{self._key(cm, ctx)}.pt"
+        samples, heldout = self._data(cm, ctx, calib)
         refit = None
         if a.refit and not ckpt.is_file():  # a resumed run's weights come from its checkpoint
             from edgemed.transforms.distill_local import refit_ffns
 
-            refit = {"layers": refit_ffns(self, ctx),
+            # On what KD trains on: the parent's answers (some 40k positions for 256 of them) leave a
+            # refit of ~1k unknowns an output far less room to fit noise than 32 calibration turns.
+            seqs = [ids for ids, _ in samples[:a.parent_samples]] if a.data == "parent" else None
+            refit = {"data": "calibration" if seqs is None else f"parent answers ({len(seqs)} sequences, "
+                                                                 f"{sum(len(s) for s in seqs)} positions)",
+                     "layers": refit_ffns(self, ctx, sequences=seqs),
                      "kld_vs_parent": compare_logits(ref, np.concatenate(parity_prompt_logits(cm)))}
-        samples, heldout = self._data(cm, ctx, calib)
         params = self._trainable(lm)
         for p in cm.model.parameters():
             p.requires_grad_(False)

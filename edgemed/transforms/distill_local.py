@@ -82,30 +82,37 @@ def recover(step, ctx: "Context") -> None:
     ctx.teacher = ctx.teacher_weights = None
 
 
-def refit_ffns(step, ctx: "Context", record: dict | None = None) -> list[dict]:
+def refit_ffns(step, ctx: "Context", record: dict | None = None, sequences=None) -> list[dict]:
     """Refit each of the student's (ctx.cm) FFN down projections by least squares to the teacher's
     (ctx.teacher) FFN output on the teacher's inputs, one decoder layer at a time over the step's
-    calibration set; a streamed student reads the refit weights from the artifact's scratch folder,
-    an in-memory one has them copied in. Returns each layer's relative squared error before and after."""
+    calibration set, or over `sequences` (token ids: the parent's own answers that distill then
+    trains on; a VLM's calibration turns, with their images, join them); a streamed student reads the
+    refit weights from the artifact's scratch folder, an in-memory one has them copied in. Returns
+    each layer's relative squared error before and after."""
     import contextlib
 
     import torch
     from safetensors.torch import save_file
 
-    from edgemed.calibration.feeds import decoder_feeds
+    from edgemed.calibration.feeds import decoder_feeds, token_feeds
     from edgemed.calibration.sequential import LayerPass
 
     cm, streamed = ctx.cm, ctx.cm.streamed
     teacher = dataclasses.replace(cm, model=ctx.teacher, streamed=ctx.teacher_weights)
     students = cm.adapter.language_model(cm.model).layers
-    feeds = decoder_feeds(teacher, ctx.recipe.calibration, step.args.calibration_count, record)
+    if sequences is None:
+        feeds = decoder_feeds(teacher, ctx.recipe.calibration, step.args.calibration_count, record)
+    else:
+        feeds = token_feeds(teacher, sequences)
+        if cm.multimodal:
+            feeds += decoder_feeds(teacher, ctx.recipe.calibration, step.args.calibration_count, record)
     seq = LayerPass(teacher, feeds)
     if len(seq.layers()) != len(students):
         raise BadInputError(f"step {step.name}", "refits width-pruned FFNs only (the student "
                             f"has {len(students)} layers, the teacher {len(seq.layers())})",
                             "compress without --low-memory to distill end to end, without refit")
     ctx.progress(f"distill: each FFN's down projection refit by least squares, one layer at a time over "
-                 f"{len(feeds)} calibration feeds")
+                 f"{len(feeds)} {'calibration feeds' if sequences is None else 'sequences'}")
     hidden, rest = seq.catch_layer_inputs()
     fits = []
     for i, (t_layer, s_layer) in enumerate(zip(seq.layers(), students)):
