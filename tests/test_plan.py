@@ -292,6 +292,29 @@ def test_host_side_parts_add_up_and_follow_the_recipe(llava7b, int4_recipe):
     assert load_recipe("prune-width-25").steps[-1].step == "distill"
 
 
+def test_plan_counts_the_hidden_states_distills_refit_holds(llava7b):
+    """distill refit: true runs a layer pass over every sequence it fits on (the parent's answers with
+    data: parent): their embeddings and hidden states, hidden wide in fp32, are in the plan."""
+    from edgemed.pipeline import resolve
+    from edgemed.transforms.distill import REFIT_PROMPT_TOKENS
+
+    target = load_target("jetson-orin-nx-16gb")
+    base, _ = resolve(["prune-width-25", "int8"], target)
+
+    def held(**args):
+        r = base.model_copy(deep=True)
+        (d,) = [s for s in r.steps if s.step == "distill"]
+        d.args.update(args)
+        return plan(llava7b, r, target, host_memory_gb=512).host.parts["distill step"]
+
+    plain = held()
+    extra = held(refit=True, data="parent", parent_samples=1000, parent_tokens=128) - plain
+    per_answer = held(refit=True, data="parent", parent_samples=2000, parent_tokens=128) - plain - extra
+    assert per_answer == 1000 * 2 * 4 * 4096 * (128 + REFIT_PROMPT_TOKENS)  # 1000 answers more, hidden 4096
+    assert extra > per_answer  # one layer's least-squares sums on top, once
+    assert held(refit=False, data="parent", parent_samples=2000) == plain
+
+
 def test_host_that_cannot_compress_is_refused_with_the_fix(llava7b, int4_recipe):
     target = load_target("jetson-agx-orin-64gb")
     p = plan(llava7b, int4_recipe, target, host_memory_gb=16)

@@ -64,6 +64,9 @@ class DistillArgs(StepArgs):
     refit: bool = False
 
 
+# The prompt length refit's plan counts for each sequence it fits on (distill prompts: 30-60 tokens).
+REFIT_PROMPT_TOKENS = 64
+
 # Args that do not change what a resumed run trains on: a run continues from a checkpoint written
 # with other values (e.g. more steps after a curve that has not flattened).
 _RESUMABLE_ACROSS = ("steps", "checkpoint_every", "eval_every", "eval_samples")
@@ -89,12 +92,26 @@ class Distill(Step):
         moments, fp32, for the transformed model's decoder blocks (`shape`: plan's _ModelShape;
         `train: ffn` trains fewer and is planned the same, an upper bound). Measured by
         bench_memory.py: prune-width-25 + q8_0 peaked at 3.29 / 6.25 GB where the plan says 3.62 / 6.78.
-        With `low_memory`, one layer's least-squares sums (distill_local.host_bytes)."""
+        With `refit`, what its layer pass holds besides (_refit_bytes). With `low_memory`, one layer's
+        least-squares sums (distill_local.host_bytes)."""
         if low_memory:
             from edgemed.transforms.distill_local import host_bytes
 
             return host_bytes(shape)
-        return 3 * 4 * shape.counts.get("language", 0)
+        return 3 * 4 * shape.counts.get("language", 0) + self._refit_bytes(shape)
+
+    def _refit_bytes(self, shape) -> int:
+        """What refit's layer pass holds besides: every feed's embeddings and hidden states (fp32,
+        hidden wide), each sequence planned at the parent's answer length plus a prompt of
+        REFIT_PROMPT_TOKENS (the calibration set's turns are shorter), and one layer's sums."""
+        from edgemed.transforms.distill_local import host_bytes
+
+        a = self.args
+        if not a.refit:
+            return 0
+        rows = a.parent_samples if a.data == "parent" else a.calibration_count
+        positions = rows * (a.parent_tokens + REFIT_PROMPT_TOKENS)
+        return 2 * 4 * shape.facts.hidden_size * positions + host_bytes(shape)
 
     def run(self, ctx: "Context") -> None:
         if ctx.cm.streamed is not None:
