@@ -103,13 +103,14 @@ class Distill(Step):
     def _refit_bytes(self, shape) -> int:
         """What refit's layer pass holds besides: every feed's embeddings and hidden states (fp32,
         hidden wide), each sequence planned at the parent's answer length plus a prompt of
-        REFIT_PROMPT_TOKENS (the calibration set's turns are shorter), and one layer's sums."""
+        REFIT_PROMPT_TOKENS (the calibration set's turns are shorter; a VLM's join the parent's
+        answers, counted for any model), and one layer's sums."""
         from edgemed.transforms.distill_local import host_bytes
 
         a = self.args
         if not a.refit:
             return 0
-        rows = a.parent_samples if a.data == "parent" else a.calibration_count
+        rows = a.calibration_count + (a.parent_samples if a.data == "parent" else 0)
         positions = rows * (a.parent_tokens + REFIT_PROMPT_TOKENS)
         return 2 * 4 * shape.facts.hidden_size * positions + host_bytes(shape)
 
